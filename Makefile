@@ -1,0 +1,29 @@
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check knhk_stream tests bench
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/knhk-stream demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check knhk_stream tests bench
+	$(PY) -m ruff format --check knhk_stream tests bench
+
+bench: $(STAMP)
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

@@ -1,0 +1,243 @@
+"""Decoding delta record values: Avro single-object encoding or JSON.
+
+`decode_delta` never raises: any input bytes give a `Delta` or a `Rejected`
+with one of the protocol's codes, so a peer never crashes on bad input and
+never skips it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from importlib import resources
+from typing import Any, NamedTuple
+
+import fastavro
+from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+
+MALFORMED = "malformed"
+EMPTY = "empty"
+TOO_LARGE = "too_large"
+INVALID_TERM = "invalid_term"
+HOOK_ERROR = "hook_error"
+REJECTION_CODES = (MALFORMED, EMPTY, TOO_LARGE, INVALID_TERM, HOOK_ERROR)
+
+MAX_TERM_BYTES = 4096
+AVRO_MAGIC = b"\xc3\x01"
+
+
+class Triple(NamedTuple):
+    s: str
+    p: str
+    o: str
+    g: str | None = None
+
+
+class Delta(NamedTuple):
+    additions: tuple[Triple, ...]
+    removals: tuple[Triple, ...]
+    id: str | None = None
+    actor: str | None = None
+
+
+class Rejected(NamedTuple):
+    """A delta that cannot be applied: `code` goes into the receipt, `reason` into logs."""
+
+    code: str
+    reason: str
+
+
+def _load_schema() -> dict[str, Any]:
+    text = resources.files("knhk_stream").joinpath("schemas", "delta.avsc").read_text("utf-8")
+    return json.loads(text)
+
+
+DELTA_SCHEMA = parse_schema(_load_schema())
+AVRO_FINGERPRINT = bytes.fromhex(
+    fingerprint(to_parsing_canonical_form(DELTA_SCHEMA), "CRC-64-AVRO")
+)
+AVRO_PREFIX = AVRO_MAGIC + AVRO_FINGERPRINT
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Number:
+    """JSON numbers are never valid terms; keeping them opaque avoids int-size limits."""
+
+    __slots__ = ()
+
+
+def _number(_text: str) -> _Number:
+    return _Number()
+
+
+def _no_constant(name: str) -> None:
+    raise _Malformed(f"{name} is not JSON (RFC 8259)")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Malformed(f"repeated key {k!r}")
+            seen.add(k)
+    return obj
+
+
+def _check_no_surrogates(node: Any) -> None:
+    if isinstance(node, str):
+        node.encode("utf-8")
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            k.encode("utf-8")
+            _check_no_surrogates(v)
+    elif isinstance(node, list):
+        for v in node:
+            _check_no_surrogates(v)
+
+
+def _json_triples(obj: dict[str, Any], field: str) -> tuple[Triple, ...]:
+    items = obj.get(field, [])
+    if not isinstance(items, list):
+        raise _Malformed(f"{field!r} must be an array of triples")
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, dict):
+            raise _Malformed(f"{field}[{i}] must be an object with s, p, o")
+        s, p, o, g = t.get("s"), t.get("p"), t.get("o"), t.get("g")
+        if not (isinstance(s, str) and isinstance(p, str) and isinstance(o, str)):
+            raise _Malformed(f"{field}[{i}]: s, p and o must be strings")
+        if g is not None and not isinstance(g, str):
+            raise _Malformed(f"{field}[{i}]: g must be a string or null")
+        out.append(Triple(s, p, o, g))
+    return tuple(out)
+
+
+def _decode_json(value: bytes) -> Delta:
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _Malformed(f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(
+            text,
+            object_pairs_hook=_object,
+            parse_int=_number,
+            parse_float=_number,
+            parse_constant=_no_constant,
+        )
+    except (ValueError, RecursionError) as e:
+        raise _Malformed(f"not a JSON delta: {e}") from None
+    if not isinstance(obj, dict):
+        raise _Malformed("a JSON delta must be an object")
+    if "\\u" in text:
+        try:
+            _check_no_surrogates(obj)
+        except UnicodeEncodeError:
+            raise _Malformed("lone surrogate in a JSON string") from None
+    for opt in ("id", "actor"):
+        if opt in obj and not isinstance(obj[opt], str):
+            raise _Malformed(f"{opt!r} must be a string")
+    return Delta(
+        _json_triples(obj, "additions"),
+        _json_triples(obj, "removals"),
+        obj.get("id"),
+        obj.get("actor"),
+    )
+
+
+def _decode_avro(value: bytes) -> Delta:
+    if value[2:10] != AVRO_FINGERPRINT:
+        raise _Malformed(f"unknown Avro schema fingerprint {value[2:10].hex()}")
+    buf = io.BytesIO(value)
+    buf.seek(10)
+    try:
+        rec = fastavro.schemaless_reader(buf, DELTA_SCHEMA, None)
+    except Exception as e:  # fastavro raises many kinds on bad bytes
+        raise _Malformed(f"bad Avro body: {type(e).__name__}") from None
+    if buf.tell() != len(value):
+        raise _Malformed(f"{len(value) - buf.tell()} trailing bytes after the Avro body")
+
+    def triples(items: list[dict[str, Any]]) -> tuple[Triple, ...]:
+        return tuple(Triple(t["s"], t["p"], t["o"], t["g"]) for t in items)
+
+    return Delta(triples(rec["additions"]), triples(rec["removals"]), rec["id"], rec["actor"])
+
+
+def _bad_term(t: Triple, max_bytes: int) -> str | None:
+    for name, term in (("s", t.s), ("p", t.p), ("o", t.o)):
+        if not term:
+            return f"empty {name}"
+    for name, term in (("s", t.s), ("p", t.p), ("o", t.o), ("g", t.g)):
+        # Only a term that might be too long is encoded to count its bytes.
+        if term is not None and len(term) * 4 > max_bytes:
+            try:
+                n = len(term.encode("utf-8"))
+            except UnicodeEncodeError:
+                return f"{name} is not valid Unicode"
+            if n > max_bytes:
+                return f"{name} is {n} UTF-8 bytes, more than {max_bytes}"
+    return None
+
+
+def decode_delta(value: bytes | None, max_triples: int = 1024) -> Delta | Rejected:
+    """Decode and validate one delta record value (a tick marker never gets here)."""
+    if not value:
+        return Rejected(MALFORMED, "empty or null value without the knhk-marker header")
+    try:
+        if value[:2] == AVRO_MAGIC:
+            delta = _decode_avro(value)
+        else:
+            delta = _decode_json(value)
+        n = len(delta.additions) + len(delta.removals)
+        if n == 0:
+            return Rejected(EMPTY, "the delta has no triples")
+        if n > max_triples:
+            return Rejected(TOO_LARGE, f"{n} triples, more than max_triples={max_triples}")
+        for field in (delta.additions, delta.removals):
+            for t in field:
+                bad = _bad_term(t, MAX_TERM_BYTES)
+                if bad:
+                    return Rejected(INVALID_TERM, bad)
+        return delta
+    except _Malformed as e:
+        return Rejected(MALFORMED, str(e))
+    except Exception as e:  # never crash a peer on input bytes
+        return Rejected(MALFORMED, f"undecodable: {type(e).__name__}: {e}")
+
+
+def encode_avro(delta: Delta) -> bytes:
+    """Avro single-object encoding of a delta (what producers write)."""
+    buf = io.BytesIO()
+    buf.write(AVRO_PREFIX)
+    fastavro.schemaless_writer(
+        buf,
+        DELTA_SCHEMA,
+        {
+            "id": delta.id or "",
+            "actor": delta.actor or "",
+            "additions": [t._asdict() for t in delta.additions],
+            "removals": [t._asdict() for t in delta.removals],
+        },
+    )
+    return buf.getvalue()
+
+
+def encode_json(delta: Delta) -> bytes:
+    """The JSON form of a delta, compact, with `g` only where present."""
+
+    def triples(ts: tuple[Triple, ...]) -> list[dict[str, str]]:
+        return [
+            {"s": t.s, "p": t.p, "o": t.o} | ({"g": t.g} if t.g is not None else {}) for t in ts
+        ]
+
+    obj: dict[str, Any] = {"additions": triples(delta.additions), "removals": triples(delta.removals)}
+    if delta.id is not None:
+        obj["id"] = delta.id
+    if delta.actor is not None:
+        obj["actor"] = delta.actor
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -1,0 +1,58 @@
+"""The byte encodings that go into hashes (protocol: "Encodings used in hashes")."""
+
+from __future__ import annotations
+
+import struct
+
+from blake3 import blake3
+
+ZERO_HASH = bytes(32)
+
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def H(data: bytes) -> bytes:  # noqa: N802 - the protocol's name for it
+    """BLAKE3 with 32 bytes of output."""
+    return blake3(data).digest()
+
+
+def u16(n: int) -> bytes:
+    return _U16.pack(n)
+
+
+def u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def str16(s: str) -> bytes:
+    """`str`: a u16 byte length followed by UTF-8."""
+    b = s.encode("utf-8")
+    return _U16.pack(len(b)) + b
+
+
+def str32(s: str) -> bytes:
+    """`str32` (actions): a u32 byte length followed by UTF-8."""
+    b = s.encode("utf-8")
+    return _U32.pack(len(b)) + b
+
+
+def cycle_key(cycle: int) -> str:
+    """Cycles are zero-padded to 20 digits wherever they appear in keys."""
+    return f"{cycle:020d}"
+
+
+def parse_hash(text: str, what: str = "hash") -> bytes:
+    """A 32-byte hash from lowercase/uppercase hex, with an error naming `what`."""
+    try:
+        b = bytes.fromhex(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what} is not hex: {text!r}") from e
+    if len(b) != 32:
+        raise ValueError(f"{what} must be 32 bytes (64 hex digits), got {len(b)} bytes")
+    return b
