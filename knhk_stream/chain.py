@@ -22,10 +22,16 @@ class Entry:
     @property
     def entry_hash(self) -> bytes:
         return H(
-            b"\x02" + str16(self.chain_id) + u32(self.shard) + u64(self.cycle) + self.root
-            + u64(self.receipt_count) + u64(self.first_offset) + u64(self.last_offset)
+            b"\x02"
+            + str16(self.chain_id)
+            + u32(self.shard)
+            + u64(self.cycle)
+            + self.root
+            + u64(self.receipt_count)
+            + u64(self.first_offset)
+            + u64(self.last_offset)
             + self.prev_entry_hash
-        )  # fmt: skip
+        )
 
     def to_fields(self) -> dict[str, str | int]:
         """The entry's fields as JSON-ready values (hashes as lowercase hex)."""
@@ -61,16 +67,28 @@ class Entry:
             return i
 
         return cls(
-            str(f["chain_id"]), n("shard"), n("cycle"), h("root"), n("receipt_count"),
-            n("first_offset"), n("last_offset"), h("prev_entry_hash"),
-        )  # fmt: skip
+            str(f["chain_id"]),
+            n("shard"),
+            n("cycle"),
+            h("root"),
+            n("receipt_count"),
+            n("first_offset"),
+            n("last_offset"),
+            h("prev_entry_hash"),
+        )
 
 
 def entry_for_beat(chain_id: str, beat: Beat, prev_entry_hash: bytes = ZERO_HASH) -> Entry:
     return Entry(
-        chain_id, beat.shard, beat.cycle, beat.root(), beat.receipt_count,
-        beat.first_offset, beat.last_offset, prev_entry_hash,
-    )  # fmt: skip
+        chain_id,
+        beat.shard,
+        beat.cycle,
+        beat.root(),
+        beat.receipt_count,
+        beat.first_offset,
+        beat.last_offset,
+        prev_entry_hash,
+    )
 
 
 def record_key(chain_id: str, shard: int, cycle: int) -> str:

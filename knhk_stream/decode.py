@@ -53,9 +53,7 @@ def _load_schema() -> dict[str, Any]:
 
 
 DELTA_SCHEMA = parse_schema(_load_schema())
-AVRO_FINGERPRINT = bytes.fromhex(
-    fingerprint(to_parsing_canonical_form(DELTA_SCHEMA), "CRC-64-AVRO")
-)
+AVRO_FINGERPRINT = bytes.fromhex(fingerprint(to_parsing_canonical_form(DELTA_SCHEMA), "CRC-64-AVRO"))
 AVRO_PREFIX = AVRO_MAGIC + AVRO_FINGERPRINT
 
 
@@ -189,10 +187,7 @@ def decode_delta(value: bytes | None, max_triples: int = 1024) -> Delta | Reject
     if not value:
         return Rejected(MALFORMED, "empty or null value without the knhk-marker header")
     try:
-        if value[:2] == AVRO_MAGIC:
-            delta = _decode_avro(value)
-        else:
-            delta = _decode_json(value)
+        delta = _decode_avro(value) if value[:2] == AVRO_MAGIC else _decode_json(value)
         n = len(delta.additions) + len(delta.removals)
         if n == 0:
             return Rejected(EMPTY, "the delta has no triples")
@@ -231,9 +226,7 @@ def encode_json(delta: Delta) -> bytes:
     """The JSON form of a delta, compact, with `g` only where present."""
 
     def triples(ts: tuple[Triple, ...]) -> list[dict[str, str]]:
-        return [
-            {"s": t.s, "p": t.p, "o": t.o} | ({"g": t.g} if t.g is not None else {}) for t in ts
-        ]
+        return [{"s": t.s, "p": t.p, "o": t.o} | ({"g": t.g} if t.g is not None else {}) for t in ts]
 
     obj: dict[str, Any] = {"additions": triples(delta.additions), "removals": triples(delta.removals)}
     if delta.id is not None:

@@ -101,7 +101,7 @@ def load_hook(name: str, entrypoint: str | None = None) -> Hook:
             return Hook(CANONICAL, canonical)
         raise ValueError(
             f"unknown hook {name!r}: the built-in hook is {CANONICAL}; "
-            "for a user hook also set hook_entrypoint = \"module:function\""
+            'for a user hook also set hook_entrypoint = "module:function"'
         )
     module_name, sep, attr = entrypoint.partition(":")
     if not sep or not module_name or not attr:

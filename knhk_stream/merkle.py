@@ -59,9 +59,7 @@ def inclusion_proof(leaves: Sequence[bytes], index: int, h: HashFn = H) -> list[
     return path
 
 
-def root_from_proof(
-    leaf: bytes, index: int, tree_size: int, path: Sequence[bytes], h: HashFn = H
-) -> bytes:
+def root_from_proof(leaf: bytes, index: int, tree_size: int, path: Sequence[bytes], h: HashFn = H) -> bytes:
     """The root an audit path leads to (RFC 9162 2.1.3.2); ValueError if the path cannot fit."""
     if not 0 <= index < tree_size:
         raise ValueError(f"leaf index {index} outside a tree of {tree_size} leaves")
@@ -85,7 +83,11 @@ def root_from_proof(
 
 
 def verify_inclusion(
-    leaf: bytes, index: int, tree_size: int, path: Sequence[bytes], expected_root: bytes,
+    leaf: bytes,
+    index: int,
+    tree_size: int,
+    path: Sequence[bytes],
+    expected_root: bytes,
     h: HashFn = H,
 ) -> bool:
     try:

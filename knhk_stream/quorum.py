@@ -210,11 +210,8 @@ class QuorumCollector:
         if first is not None:
             if first.entry_hash == entry_hash:
                 return VoteStatus.REPEATED  # same entry, another valid signature
-            if not any(e.peer_id == key and e.second.entry_hash == entry_hash
-                       for e in self.equivocations):  # fmt: skip
-                self.equivocations.append(
-                    Equivocation(key, vote.entry.shard, vote.entry.cycle, first, vote)
-                )
+            if not any(e.peer_id == key and e.second.entry_hash == entry_hash for e in self.equivocations):
+                self.equivocations.append(Equivocation(key, vote.entry.shard, vote.entry.cycle, first, vote))
             return VoteStatus.EQUIVOCATION
         rnd.first_vote[key] = vote
         voters = rnd.by_hash.setdefault(entry_hash, {})

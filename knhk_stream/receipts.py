@@ -32,9 +32,17 @@ class Receipt:
 
     def to_bytes(self) -> bytes:
         return _RECEIPT.pack(
-            RECEIPT_VERSION, self.shard, self.cycle, self.tick, self.offset,
-            self.status, self.lanes, self.hook_id, self.delta_hash, self.a_hash,
-        )  # fmt: skip
+            RECEIPT_VERSION,
+            self.shard,
+            self.cycle,
+            self.tick,
+            self.offset,
+            self.status,
+            self.lanes,
+            self.hook_id,
+            self.delta_hash,
+            self.a_hash,
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Receipt:
@@ -84,6 +92,14 @@ class DeltaProcessor:
     def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes:
         o = self.outcome(value)
         return _RECEIPT.pack(
-            RECEIPT_VERSION, shard, cycle, tick, offset,
-            o.status, o.lanes, self.hook_id, o.delta_hash, o.a_hash,
-        )  # fmt: skip
+            RECEIPT_VERSION,
+            shard,
+            cycle,
+            tick,
+            offset,
+            o.status,
+            o.lanes,
+            self.hook_id,
+            o.delta_hash,
+            o.a_hash,
+        )

@@ -65,8 +65,16 @@ class ChainSettings:
         def fail(name: str, message: str) -> SettingsError:
             return SettingsError(name, message, source)
 
-        known = {"chain_id", "tick_ms", "max_triples", "hook", "hook_entrypoint",
-                 "threshold", "peers", "start_offset"}  # fmt: skip
+        known = {
+            "chain_id",
+            "tick_ms",
+            "max_triples",
+            "hook",
+            "hook_entrypoint",
+            "threshold",
+            "peers",
+            "start_offset",
+        }
         for k in data:
             if k not in known:
                 raise fail(k, f"unknown setting; known ones are {', '.join(sorted(known))}")
@@ -138,8 +146,12 @@ class ChainSettings:
     def to_toml(self) -> str:
         """The settings as TOML (what `knhk-stream` writes for demos)."""
         q = json.dumps  # a JSON string is a valid TOML basic string
-        lines = [f"chain_id = {q(self.chain_id)}", f"tick_ms = {self.tick_ms}",
-                 f"max_triples = {self.max_triples}", f"hook = {q(self.hook)}"]  # fmt: skip
+        lines = [
+            f"chain_id = {q(self.chain_id)}",
+            f"tick_ms = {self.tick_ms}",
+            f"max_triples = {self.max_triples}",
+            f"hook = {q(self.hook)}",
+        ]
         if self.hook_entrypoint:
             lines.append(f"hook_entrypoint = {q(self.hook_entrypoint)}")
         lines.append(f"threshold = {self.threshold}")
