@@ -8,16 +8,15 @@ append is atomic on a cluster as on a single server.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
-from .chain import Entry
+from .committed import CommittedEntry
 from .encoding import ZERO_HASH, cycle_key
-from .quorum import Vote, check_quorum
+from .quorum import check_quorum
 from .settings import ChainSettings
 
 ENTRY_FIELDS = (
@@ -82,64 +81,6 @@ redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], 'cycle', ARGV[1], 'entry_hash', ARGV[3])
 return 'appended'
 """
-
-
-@dataclass(frozen=True)
-class CommittedEntry:
-    """An entry as committed: its fields, hash, quorum votes and who wrote it."""
-
-    entry: Entry
-    entry_hash: bytes
-    votes: tuple[tuple[str, bytes], ...]
-    committed_by: str
-    committed_at_ms: int
-
-    def to_redis(self) -> dict[str, str]:
-        f = {k: str(v) for k, v in self.entry.to_fields().items()}
-        f["entry_hash"] = self.entry_hash.hex()
-        f["votes"] = votes_json(self.votes)
-        f["committed_by"] = self.committed_by
-        f["committed_at_ms"] = str(self.committed_at_ms)
-        return f
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            **self.entry.to_fields(),
-            "entry_hash": self.entry_hash.hex(),
-            "votes": [{"peer_id": p, "signature": s.hex()} for p, s in self.votes],
-            "committed_by": self.committed_by,
-            "committed_at_ms": self.committed_at_ms,
-        }
-
-    @classmethod
-    def from_mapping(cls, f: dict[str, Any]) -> CommittedEntry:
-        """From a Redis hash or a JSON object; ValueError/KeyError on a bad field."""
-        votes = f["votes"]
-        if isinstance(votes, str):
-            votes = json.loads(votes)
-        return cls(
-            Entry.from_fields(f),
-            bytes.fromhex(str(f["entry_hash"])),
-            tuple((str(v["peer_id"]), bytes.fromhex(v["signature"])) for v in votes),
-            str(f["committed_by"]),
-            int(f["committed_at_ms"]),
-        )
-
-    @classmethod
-    def from_quorum(
-        cls, entry: Entry, votes: Sequence[Vote], committed_by: str, at_ms: int
-    ) -> CommittedEntry:
-        ordered = sorted(((v.peer_id, v.signature) for v in votes), key=lambda pv: pv[0])
-        return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms)
-
-
-def votes_json(votes: Sequence[tuple[str, bytes]]) -> str:
-    """`[{"peer_id":…,"signature":hex}]` sorted by peer id, compact."""
-    return json.dumps(
-        [{"peer_id": p, "signature": s.hex()} for p, s in sorted(votes, key=lambda pv: pv[0])],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
 
 
 @dataclass(frozen=True)

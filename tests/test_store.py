@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from knhk_stream.chain import Entry
+from knhk_stream.committed import CommittedEntry
 from knhk_stream.encoding import ZERO_HASH, H
 from knhk_stream.quorum import Vote, sign
 from knhk_stream.store import (
-    CommittedEntry,
     ForkError,
     LockchainStore,
     NotNextError,
