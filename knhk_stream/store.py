@@ -8,6 +8,7 @@ append is atomic on a cluster as on a single server.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -402,3 +403,97 @@ def verify_range(
                 )
             )
     return report
+
+
+# -- peer progress and flags (what `status` reads) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A peer's progress on a shard, written after its vote is on the votes topic."""
+
+    next_offset: int
+    entry_hash: bytes
+    cycle: int | None
+    votes_offset: int
+    updated_ms: int
+
+
+def _checkpoint_key(store: LockchainStore, peer_id: str, shard: int) -> str:
+    return f"{store.key(shard)}:peer:{peer_id}"
+
+
+def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpoint) -> None:
+    """Only moves forward: a stale writer (e.g. a revoked worker) cannot move it back."""
+    store.client.eval(
+        """
+        local cur = redis.call('HGET', KEYS[1], 'next_offset')
+        if cur and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
+        redis.call('HSET', KEYS[1], unpack(ARGV, 1))
+        return 1
+        """,
+        1,
+        _checkpoint_key(store, peer_id, shard),
+        "next_offset",
+        str(cp.next_offset),
+        "entry_hash",
+        cp.entry_hash.hex(),
+        "cycle",
+        "" if cp.cycle is None else str(cp.cycle),
+        "votes_offset",
+        str(cp.votes_offset),
+        "updated_ms",
+        str(cp.updated_ms),
+    )
+
+
+def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoint | None:
+    got = {
+        _text(k): _text(v) for k, v in store.client.hgetall(_checkpoint_key(store, peer_id, shard)).items()
+    }
+    if not got:
+        return None
+    return Checkpoint(
+        int(got["next_offset"]),
+        bytes.fromhex(got["entry_hash"]),
+        int(got["cycle"]) if got["cycle"] else None,
+        int(got.get("votes_offset", "0")),
+        int(got.get("updated_ms", "0")),
+    )
+
+
+def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str = "", at_ms: int = 0) -> None:
+    key = f"{store.key(shard)}:stall"
+    if cycle is None:
+        store.client.delete(key)
+    else:
+        store.client.hset(key, mapping={"cycle": str(cycle), "reason": reason, "at_ms": str(at_ms)})
+
+
+def get_stall(store: LockchainStore, shard: int) -> dict[str, str] | None:
+    got = store.client.hgetall(f"{store.key(shard)}:stall")
+    return {_text(k): _text(v) for k, v in got.items()} or None
+
+
+def add_evidence(store: LockchainStore, shard: int, evidence: dict[str, Any]) -> None:
+    """Equivocation evidence (both signed votes), kept once per peer and cycle."""
+    field_name = f"{evidence['peer_id']}/{evidence['cycle']}"
+    store.client.hsetnx(f"{store.key(shard)}:evidence", field_name, json.dumps(evidence))
+
+
+def get_evidence(store: LockchainStore, shard: int) -> list[dict[str, Any]]:
+    return [json.loads(v) for v in store.client.hgetall(f"{store.key(shard)}:evidence").values()]
+
+
+def peer_ids_with_checkpoints(store: LockchainStore, shard: int) -> list[str]:
+    prefix = f"{store.key(shard)}:peer:"
+    return sorted(_text(k)[len(prefix) :] for k in store.client.scan_iter(match=prefix + "*", count=1000))
+
+
+def get_published(store: LockchainStore, shard: int) -> int | None:
+    v = store.client.get(f"{store.key(shard)}:published")
+    return int(v) if v is not None else None
+
+
+def set_published(store: LockchainStore, shard: int, cycle: int) -> None:
+    store.client.set(f"{store.key(shard)}:published", str(cycle))
