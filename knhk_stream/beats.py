@@ -62,6 +62,10 @@ class BeatAssembler:
         return self._open.cycle if self._open else None
 
     @property
+    def open_deltas(self) -> int:
+        return len(self._open.receipts) if self._open else 0
+
+    @property
     def open_first_offset(self) -> int | None:
         """Where a fresh assembler must start to rebuild the open beat."""
         return self._open.first_offset if self._open else None

@@ -81,9 +81,7 @@ def keys_generate(peer_id: str, out: Path, force: bool) -> None:
     try:
         save_private_key(key, out, overwrite=force)
     except FileExistsError:
-        raise click.ClickException(
-            f"{out} exists; pass --force to replace it (the old key is lost)"
-        ) from None
+        raise click.ClickException(f"{out} exists; pass --force to replace it (the old key is lost)") from None
     pub = public_key_bytes(key).hex()
     click.echo(pub)
     click.echo(f"# add to the chain settings of every peer:\n[[peers]]\nid = {json.dumps(peer_id)}\n"
@@ -108,9 +106,7 @@ def _shards(store, shard: tuple[int, ...]) -> list[int]:
     return list(shard) if shard else store.shards()
 
 
-shard_option = click.option(
-    "--shard", type=int, multiple=True, help="Shard(s); default: every shard with a head."
-)
+shard_option = click.option("--shard", type=int, multiple=True, help="Shard(s); default: every shard with a head.")
 range_options = [
     click.option("--from", "from_cycle", type=int, help="First cycle (inclusive)."),
     click.option("--to", "to_cycle", type=int, help="Last cycle (inclusive)."),
@@ -147,9 +143,7 @@ def chain_show(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, li
     if not rows:
         click.echo("no committed entries")
         return
-    click.echo(
-        f"{'shard':>5} {'cycle':>12} {'receipts':>8} {'offsets':>23}  {'root':16}  {'entry':16}  votes  by"
-    )
+    click.echo(f"{'shard':>5} {'cycle':>12} {'receipts':>8} {'offsets':>23}  {'root':16}  {'entry':16}  votes  by")
     for ce in rows:
         e = ce.entry
         click.echo(
@@ -182,9 +176,7 @@ def chain_verify(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, 
             click.echo(f"no chain {settings.chain_id!r} under prefix {prefix!r} in Redis")
         for r in reports:
             state = "OK" if r.ok else "FAILED"
-            click.echo(
-                f"shard {r.shard}: {state}  {r.entries} entries, cycles {r.first_cycle}..{r.last_cycle}"
-            )
+            click.echo(f"shard {r.shard}: {state}  {r.entries} entries, cycles {r.first_cycle}..{r.last_cycle}")
             for p in r.problems[:20]:
                 click.echo(f"  {p}")
             if len(r.problems) > 20:

@@ -53,9 +53,7 @@ class CommittedEntry:
         )
 
     @classmethod
-    def from_quorum(
-        cls, entry: Entry, votes: Sequence[Vote], committed_by: str, at_ms: int
-    ) -> CommittedEntry:
+    def from_quorum(cls, entry: Entry, votes: Sequence[Vote], committed_by: str, at_ms: int) -> CommittedEntry:
         ordered = sorted(((v.peer_id, v.signature) for v in votes), key=lambda pv: pv[0])
         return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms)
 

@@ -257,9 +257,7 @@ def create_topics(
             if meta is None or meta.error is not None or not meta.partitions:
                 pending.append(name)
             elif len(meta.partitions) != parts:
-                raise RuntimeError(
-                    f"topic {name!r} exists with {len(meta.partitions)} partitions, wanted {parts}"
-                )
+                raise RuntimeError(f"topic {name!r} exists with {len(meta.partitions)} partitions, wanted {parts}")
         if not pending:
             return
         if time.monotonic() > deadline:

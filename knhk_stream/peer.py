@@ -43,12 +43,13 @@ def is_marker(headers: list[tuple[str, bytes | None]] | dict[str, bytes] | None)
 
 
 class _Shard:
-    __slots__ = ("assembler", "prev_entry_hash", "resume")
+    __slots__ = ("assembler", "last_beat", "prev_entry_hash", "resume")
 
     def __init__(self, assembler: BeatAssembler, resume: ResumePoint) -> None:
         self.assembler = assembler
         self.resume = resume
         self.prev_entry_hash = resume.prev_entry_hash
+        self.last_beat: Beat | None = None
 
 
 class PeerEngine:
@@ -59,9 +60,7 @@ class PeerEngine:
         if known is None:
             raise ValueError(f"peer id {peer_id!r} is not in the chain settings' [[peers]]")
         if known != public_key_bytes(key):
-            raise ValueError(
-                f"the key given does not match the public key of peer {peer_id!r} in the chain settings"
-            )
+            raise ValueError(f"the key given does not match the public key of peer {peer_id!r} in the chain settings")
         self.settings = settings
         self.peer_id = peer_id
         self.key = key
@@ -84,9 +83,7 @@ class PeerEngine:
     def resume_point(self, shard: int) -> ResumePoint:
         return self._shards[shard].resume
 
-    def feed(
-        self, shard: int, offset: int, timestamp_ms: int, marker: bool, value: bytes | None
-    ) -> Vote | None:
+    def feed(self, shard: int, offset: int, timestamp_ms: int, marker: bool, value: bytes | None) -> Vote | None:
         """One record of `shard` in offset order; returns a vote when it closes a beat."""
         state = self._shards[shard]
         if offset < state.resume.next_offset:
@@ -97,22 +94,25 @@ class PeerEngine:
     def _vote(self, state: _Shard, beat: Beat) -> Vote:
         entry = entry_for_beat(self.settings.chain_id, beat, state.prev_entry_hash)
         state.prev_entry_hash = entry.entry_hash
+        state.last_beat = beat
         return Vote(entry, self.peer_id, sign(self.key, entry.entry_hash), int(time.time() * 1000))
 
     def delivered(self, vote: Vote) -> ResumePoint:
         """Record that `vote` is on the votes topic; returns the new resume point to persist."""
         point = ResumePoint.after(vote.entry)
         state = self._shards.get(vote.entry.shard)
-        if state is not None and (
-            state.resume.last_cycle is None or vote.entry.cycle > state.resume.last_cycle
-        ):
+        if state is not None and (state.resume.last_cycle is None or vote.entry.cycle > state.resume.last_cycle):
             state.resume = point
         return point
 
-    def open_beat(self, shard: int) -> tuple[int | None, int | None]:
-        """(open cycle, first offset of the open beat) of a shard, for markers and offsets."""
+    def open_beat(self, shard: int) -> tuple[int | None, int | None, int]:
+        """(cycle, first offset, deltas so far) of a shard's open beat, for tick markers."""
         asm = self._shards[shard].assembler
-        return asm.open_cycle, asm.open_first_offset
+        return asm.open_cycle, asm.open_first_offset, asm.open_deltas
+
+    def last_beat(self, shard: int) -> Beat | None:
+        """The beat of the shard's newest vote (for metrics)."""
+        return self._shards[shard].last_beat
 
     def beat_end_ms(self, cycle: int) -> int:
         """Wall-clock ms at which a beat of `cycle` is over."""

@@ -57,9 +57,7 @@ def key_from_seed(seed: bytes) -> Ed25519PrivateKey:
 
 def save_private_key(key: Ed25519PrivateKey, path: str | Path, overwrite: bool = False) -> None:
     """PKCS#8 PEM, created with mode 0600 (never briefly world-readable)."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "wb") as f:

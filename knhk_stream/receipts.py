@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .decode import HOOK_ERROR, Rejected, decode_delta
+from .decode import HOOK_ERROR, REJECTION_CODES, Rejected, decode_delta
 from .encoding import H
 from .hooks import Hook, HookError
 
@@ -103,3 +104,18 @@ class DeltaProcessor:
             o.delta_hash,
             o.a_hash,
         )
+
+
+_CODE_BY_A_HASH: dict[bytes, str] = {}
+
+
+def rejections_by_code(receipts: Sequence[bytes]) -> dict[str, int]:
+    """Count rejected receipts by code (a rejected receipt's a_hash names its code)."""
+    if not _CODE_BY_A_HASH:
+        _CODE_BY_A_HASH.update({rejected_a_hash(c): c for c in REJECTION_CODES})
+    out: dict[str, int] = {}
+    for r in receipts:
+        if r[22] == REJECTED:
+            code = _CODE_BY_A_HASH.get(r[-32:], "unknown")
+            out[code] = out.get(code, 0) + 1
+    return out

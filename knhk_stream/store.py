@@ -125,9 +125,7 @@ class LockchainStore:
         for name in STORED_FIELDS:
             args += [name, fields[name]]
         try:
-            result = self._append(
-                keys=[f"{k}:root:{cycle_key(e.cycle)}", f"{k}:cycles", f"{k}:head"], args=args
-            )
+            result = self._append(keys=[f"{k}:root:{cycle_key(e.cycle)}", f"{k}:cycles", f"{k}:head"], args=args)
         except redis.ResponseError as err:
             msg = str(err)
             where = f"shard {e.shard} cycle {e.cycle}: "
@@ -174,12 +172,8 @@ class LockchainStore:
             for c, got in zip(chunk, pipe.execute(), strict=True):
                 yield c, {_text(a): _text(b) for a, b in got.items()}
 
-    def range(
-        self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None
-    ) -> list[CommittedEntry]:
-        return [
-            CommittedEntry.from_mapping(raw) for _, raw in self.raw_range(shard, from_cycle, to_cycle) if raw
-        ]
+    def range(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> list[CommittedEntry]:
+        return [CommittedEntry.from_mapping(raw) for _, raw in self.raw_range(shard, from_cycle, to_cycle) if raw]
 
     def previous(self, shard: int, cycle: int) -> CommittedEntry | None:
         """The entry listed just before `cycle`, if any."""
@@ -245,9 +239,7 @@ class VerifyReport:
             "first_cycle": self.first_cycle,
             "last_cycle": self.last_cycle,
             "head_cycle": self.head.cycle if self.head else None,
-            "problems": [
-                {"cycle": p.cycle, "fields": list(p.fields), "message": p.message} for p in self.problems
-            ],
+            "problems": [{"cycle": p.cycle, "fields": list(p.fields), "message": p.message} for p in self.problems],
         }
 
 
@@ -298,11 +290,7 @@ def _check_entry(
     recomputed = e.entry_hash
     if recomputed != ce.entry_hash:
         if quorum.valid:
-            named = [
-                f
-                for f in ("chain_id", "shard", "cycle", "prev_entry_hash")
-                if any(f in p.fields for p in out)
-            ]
+            named = [f for f in ("chain_id", "shard", "cycle", "prev_entry_hash") if any(f in p.fields for p in out)]
             suspects = tuple(named) or HASHED_ONLY
             bad(
                 suspects,
@@ -364,9 +352,7 @@ def verify_range(
     for cycle, raw in store.raw_range(shard, from_cycle, to_cycle):
         listed.append(cycle)
         if not raw:
-            report.problems.append(
-                Problem(cycle, ("cycles",), "listed in the cycles set, but its entry is missing")
-            )
+            report.problems.append(Problem(cycle, ("cycles",), "listed in the cycles set, but its entry is missing"))
             prev_hash = None  # cannot link across a missing entry; the next link check is skipped
             continue
         problems, ce = _check_entry(raw, cycle, shard, settings, prev_hash, prev_last)
@@ -388,19 +374,13 @@ def verify_range(
     reaches_end = to_cycle is None or (report.head is not None and report.head.cycle <= to_cycle)
     if reaches_end:
         if last is None and report.head is not None and not listed:
-            report.problems.append(
-                Problem(report.head.cycle, ("head",), "head names an entry that is not stored")
-            )
+            report.problems.append(Problem(report.head.cycle, ("head",), "head names an entry that is not stored"))
         elif last is not None and (
-            report.head is None
-            or report.head.cycle != last.entry.cycle
-            or report.head.entry_hash != last.entry_hash
+            report.head is None or report.head.cycle != last.entry.cycle or report.head.entry_hash != last.entry_hash
         ):
             found = f"cycle {report.head.cycle}" if report.head else "no head"
             report.problems.append(
-                Problem(
-                    last.entry.cycle, ("head",), f"head is {found}, not the last entry {last.entry.cycle}"
-                )
+                Problem(last.entry.cycle, ("head",), f"head is {found}, not the last entry {last.entry.cycle}")
             )
     return report
 
@@ -448,9 +428,7 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
 
 
 def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoint | None:
-    got = {
-        _text(k): _text(v) for k, v in store.client.hgetall(_checkpoint_key(store, peer_id, shard)).items()
-    }
+    got = {_text(k): _text(v) for k, v in store.client.hgetall(_checkpoint_key(store, peer_id, shard)).items()}
     if not got:
         return None
     return Checkpoint(

@@ -51,9 +51,7 @@ def load_topics(path: str | Path | None = None) -> Topics:
         parts = t.get("partitions")
         if type(parts) is not int or parts < 1:
             raise ValueError(f"{source}: topic[{i}].partitions must be a positive integer")
-        found[role] = TopicSpec(
-            str(t["name"]), role, parts, {k: str(v) for k, v in t.get("config", {}).items()}
-        )
+        found[role] = TopicSpec(str(t["name"]), role, parts, {k: str(v) for k, v in t.get("config", {}).items()})
     missing = [r for r in ROLES if r not in found]
     if missing:
         raise ValueError(f"{source}: no topic declared for role(s) {', '.join(missing)}")

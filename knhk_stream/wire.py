@@ -73,9 +73,7 @@ def _entry(rec: dict[str, Any]) -> Entry:
     if min(e.shard, e.cycle, e.receipt_count, e.first_offset, e.last_offset) < 0:
         raise WireError("negative number in entry fields")
     if e.entry_hash != rec["entry_hash"]:
-        raise WireError(
-            f"entry_hash {rec['entry_hash'].hex()} does not match the fields ({e.entry_hash.hex()})"
-        )
+        raise WireError(f"entry_hash {rec['entry_hash'].hex()} does not match the fields ({e.entry_hash.hex()})")
     return e
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ from knhk_stream.receipts import RECEIPT_SIZE, DeltaProcessor, Receipt
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "protocol-v1.json").read_text("utf-8"))
 HASHES = {"blake3": H, "sha256": merkle.sha256}
+
+
+def _name_id(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_")
 
 
 def _hex(v: str | None) -> bytes | None:
@@ -93,7 +98,7 @@ def test_merkle_sha256_empty_is_rfc6962():
 
 # -- deltas ---------------------------------------------------------------------------------
 
-DELTA_CASES = [pytest.param(c, id=c["name"].replace(" ", "_")) for c in VECTORS["deltas"]]
+DELTA_CASES = [pytest.param(c, id=_name_id(c["name"])) for c in VECTORS["deltas"]]
 CANONICAL_HOOK = load_hook("canonical@1")
 
 
@@ -121,7 +126,7 @@ def test_delta_decode(case):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, id=c["name"].replace(" ", "_")) for c in VECTORS["deltas"] if "actions" in c]
+    "case", [pytest.param(c, id=_name_id(c["name"])) for c in VECTORS["deltas"] if "actions" in c]
 )
 def test_delta_actions(case):
     decoded = decode_delta(_hex(case["value"]), case["max_triples"])
@@ -306,7 +311,7 @@ def test_deterministic_signature(peer):
 
 
 @pytest.mark.parametrize(
-    "case", [pytest.param(c, id=c["name"].replace(" ", "_")) for c in VOTES["quorum_cases"]]
+    "case", [pytest.param(c, id=_name_id(c["name"])) for c in VOTES["quorum_cases"]]
 )
 def test_quorum_case(case):
     votes = [(v["peer_id"], bytes.fromhex(v["signature"])) for v in case["votes"]]
