@@ -183,3 +183,12 @@ def chain_verify(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, 
                 click.echo(f"  ... and {len(r.problems) - 20} more problems")
     if not reports or not all(r.ok for r in reports):
         sys.exit(1)
+
+
+# Commands that need the Kafka runtime live in their own modules.
+from . import cli_produce, cli_run  # noqa: E402
+
+main.add_command(cli_produce.topics)
+main.add_command(cli_produce.produce)
+for _cmd in (cli_run.worker, cli_run.status, cli_run.dev, cli_run.demo):
+    main.add_command(_cmd)
