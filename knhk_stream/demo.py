@@ -33,7 +33,9 @@ def start_worker(
     redis_url: str,
     prefix: str,
     topic_prefix: str,
-    extra: tuple[str, ...] = (), settings_path: Path | None = None, log_name: str | None = None,
+    extra: tuple[str, ...] = (),
+    settings_path: Path | None = None,
+    log_name: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """A `knhk-stream worker` subprocess logging to workdir/{log_name or peer_id}.log."""
     log = open(workdir / f"{log_name or peer_id}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -43,7 +45,7 @@ def start_worker(
         "knhk_stream",
         "worker",
         "--settings",
-        str(workdir / "chain.toml"),
+        str(settings_path or workdir / "chain.toml"),
         "--peer-id",
         peer_id,
         "--key",

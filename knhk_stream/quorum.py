@@ -60,16 +60,19 @@ def save_private_key(key: Ed25519PrivateKey, path: str | Path, overwrite: bool =
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode on open: fix it before writing
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    os.chmod(path, 0o600)
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """A PKCS#8 PEM Ed25519 key, or a file holding the 32-byte seed as hex."""
     data = Path(path).read_bytes()
     if data.lstrip().startswith(b"-----BEGIN"):
-        key = serialization.load_pem_private_key(data, password=None)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: cannot read the PEM private key ({e})") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path}: not an Ed25519 private key")
         return key
@@ -90,8 +93,25 @@ def parse_public_key(hex_text: str) -> bytes:
         raise ValueError(f"public_key {hex_text!r} is not hex") from None
     if len(raw) != 32:
         raise ValueError(f"public_key must be 32 bytes (64 hex digits), got {len(raw)} bytes")
-    Ed25519PublicKey.from_public_bytes(raw)
+    if not _is_curve_point(raw):
+        raise ValueError(f"public_key {hex_text} is not a point on the Ed25519 curve")
     return raw
+
+
+_P = 2**255 - 19
+_D = (-121665 * pow(121666, _P - 2, _P)) % _P
+
+
+def _is_curve_point(raw: bytes) -> bool:
+    """RFC 8032 5.1.3 decoding: y < p and x^2 = (y^2 - 1) / (d y^2 + 1) has a root."""
+    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
+    if y >= _P:
+        return False
+    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
+    x2 = u * pow(v, _P - 2, _P) % _P
+    if x2 == 0:
+        return not raw[31] >> 7  # x = 0 must not be negative
+    return pow(x2, (_P - 1) // 2, _P) == 1
 
 
 # -- votes --------------------------------------------------------------------------------
@@ -199,12 +219,15 @@ class QuorumCollector:
         if pub is None:
             return VoteStatus.UNKNOWN_PEER
         entry_hash = vote.entry_hash
-        rnd = self._rounds.setdefault((vote.entry.shard, vote.entry.cycle), _Round())
-        first = rnd.first_vote.get(key)
+        round_key = (vote.entry.shard, vote.entry.cycle)
+        rnd = self._rounds.get(round_key)
+        first = rnd.first_vote.get(key) if rnd is not None else None
         if first is not None and first.entry_hash == entry_hash and first.signature == vote.signature:
             return VoteStatus.REPEATED
         if not verify_signature(pub, entry_hash, vote.signature):
             return VoteStatus.BAD_SIGNATURE
+        if rnd is None:
+            rnd = self._rounds[round_key] = _Round()
         if first is not None:
             if first.entry_hash == entry_hash:
                 return VoteStatus.REPEATED  # same entry, another valid signature

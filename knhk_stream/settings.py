@@ -137,7 +137,7 @@ class ChainSettings:
         if not isinstance(raw_starts, dict):
             raise fail("start_offset", "must be a table of shard = offset, e.g. [start_offset] 0 = 100")
         for k, v in raw_starts.items():
-            if not str(k).isdigit() or type(v) is not int or v < 0:
+            if not (str(k).isascii() and str(k).isdigit()) or type(v) is not int or v < 0:
                 raise fail(f"start_offset.{k}", "shard must be a number and offset a non-negative integer")
             starts[int(k)] = v
 
@@ -145,7 +145,10 @@ class ChainSettings:
 
     def to_toml(self) -> str:
         """The settings as TOML (what `knhk-stream` writes for demos)."""
-        q = json.dumps  # a JSON string is a valid TOML basic string
+
+        def q(text: str) -> str:  # JSON strings are TOML basic strings when non-ASCII stays literal
+            return json.dumps(text, ensure_ascii=False)
+
         lines = [
             f"chain_id = {q(self.chain_id)}",
             f"tick_ms = {self.tick_ms}",

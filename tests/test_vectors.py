@@ -314,6 +314,7 @@ def test_deterministic_signature(peer):
     "case", [pytest.param(c, id=_name_id(c["name"])) for c in VOTES["quorum_cases"]]
 )
 def test_quorum_case(case):
+    assert VOTES["threshold"] == 3
     votes = [(v["peer_id"], bytes.fromhex(v["signature"])) for v in case["votes"]]
     result = check_quorum(ENTRY_HASH, votes, PEERS, VOTES["threshold"])
     assert result.valid is case["valid"]
