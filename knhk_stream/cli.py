@@ -186,9 +186,11 @@ def chain_verify(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, 
 
 
 # Commands that need the Kafka runtime live in their own modules.
-from . import cli_produce, cli_run  # noqa: E402
+from . import cli_audit, cli_produce, cli_roots, cli_run  # noqa: E402
 
 main.add_command(cli_produce.topics)
 main.add_command(cli_produce.produce)
-for _cmd in (cli_run.worker, cli_run.status, cli_run.dev, cli_run.demo):
+for _cmd in (cli_run.worker, cli_run.status, cli_run.dev, cli_run.demo, *cli_audit.COMMANDS, *cli_roots.COMMANDS):
     main.add_command(_cmd)
+for _cmd in cli_audit.CHAIN_COMMANDS:
+    chain.add_command(_cmd)
