@@ -115,7 +115,7 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                         else:
                             p.send(d, partition=i % SHARDS)
                         produced[0] = i + 1
-                        if rate and i % 500 == 499:
+                        if rate and i % 50 == 49:
                             ahead = (i + 1) / rate - (time.monotonic() - t0)
                             if ahead > 0:
                                 time.sleep(ahead)

@@ -94,6 +94,7 @@ class Worker:
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 20,
                 "isolation.level": "read_committed",
                 "session.timeout.ms": options.session_timeout_ms,
                 "heartbeat.interval.ms": min(1000, options.session_timeout_ms // 3),
@@ -107,6 +108,7 @@ class Worker:
                 "group.id": f"{self.group_id}.votes.{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
+                "fetch.wait.max.ms": 20,
             }
         )
         self.producer = Producer({**common, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
