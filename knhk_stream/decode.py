@@ -86,6 +86,11 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+_JSON = json.JSONDecoder(
+    object_pairs_hook=_object, parse_int=_number, parse_float=_number, parse_constant=_no_constant
+)
+
+
 def _check_no_surrogates(node: Any) -> None:
     if isinstance(node, str):
         node.encode("utf-8")
@@ -121,13 +126,7 @@ def _decode_json(value: bytes) -> Delta:
     except UnicodeDecodeError as e:
         raise _Malformed(f"invalid UTF-8 at byte {e.start}") from None
     try:
-        obj = json.loads(
-            text,
-            object_pairs_hook=_object,
-            parse_int=_number,
-            parse_float=_number,
-            parse_constant=_no_constant,
-        )
+        obj = _JSON.decode(text)
     except (ValueError, RecursionError) as e:
         raise _Malformed(f"not a JSON delta: {e}") from None
     if not isinstance(obj, dict):
