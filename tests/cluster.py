@@ -108,7 +108,9 @@ class Cluster:
     def committed_receipts(self) -> int:
         return sum(ce.entry.receipt_count for s in range(SHARDS) for ce in self.store.range(s))
 
-    def wait_until(self, cond: Callable[[], bool], timeout: float, what: str) -> None:
+    def wait_until(
+        self, cond: Callable[[], bool], timeout: float, what: str, state: Callable[[], object] | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if cond():
@@ -117,7 +119,7 @@ class Cluster:
                 if p.poll() is not None and p.returncode not in (0, -9):
                     raise AssertionError(f"{name} died ({p.returncode}):\n{self.log(name)[-3000:]}")
             time.sleep(0.25)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f": {state()}" if state else ""))
 
     def wait_all_committed(self, timeout: float = 90) -> None:
         self.wait_until(lambda: self.committed_receipts() >= self.produced, timeout,

@@ -61,6 +61,7 @@ def test_sigkilled_peer_restarts_without_hole_fork_or_second_vote(cluster):
         ),
         60,
         "peer-b to vote on every head",
+        lambda: {s: (load_checkpoint(cluster.store, "peer-b", s), cluster.store.head(s)) for s in range(SHARDS)},
     )
     cluster.stop_all()
     cluster.assert_chains_match_replay()
