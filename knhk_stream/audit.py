@@ -25,7 +25,7 @@ from .peer import is_marker
 from .proof import BundleCheck, StepResult, make_bundle, receipt_offset, verify_bundle, vote_problems
 from .receipts import DeltaProcessor
 from .settings import ChainSettings
-from .store import STORED_FIELDS, LockchainError, LockchainStore, VerifyReport, _check_entry, verify_range
+from .store import STORED_FIELDS, LockchainError, LockchainStore, VerifyReport, check_entry, verify_range
 
 __all__ = [
     "AuditError",
@@ -755,7 +755,7 @@ def _check_shard(
         if prev is not None and e.cycle <= prev.entry.cycle:
             raise ChainImportError(n, f"shard {shard} cycle {e.cycle} comes after cycle {prev.entry.cycle}: "
                                       "each shard's lines must be in cycle order")  # fmt: skip
-        problems, _ = _check_entry(ce.to_redis(), e.cycle, shard, settings, None, None)
+        problems, _ = check_entry(ce.to_redis(), e.cycle, shard, settings, None, None)
         if problems:
             raise ChainImportError(n, f"shard {shard} " + "; ".join(str(p) for p in problems))
         bad_votes = vote_problems(ce.entry_hash, ce.votes, settings.public_keys)

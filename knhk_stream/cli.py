@@ -19,7 +19,7 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn the errors a user can fix into one clear line and exit status 2."""
+    """Turn the errors a user can fix into one clear line (exit status 1), not a traceback."""
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:

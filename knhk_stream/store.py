@@ -243,7 +243,7 @@ class VerifyReport:
         }
 
 
-def _check_entry(
+def check_entry(
     raw: dict[str, str],
     cycle: int,
     shard: int,
@@ -355,7 +355,7 @@ def verify_range(
             report.problems.append(Problem(cycle, ("cycles",), "listed in the cycles set, but its entry is missing"))
             prev_hash = None  # cannot link across a missing entry; the next link check is skipped
             continue
-        problems, ce = _check_entry(raw, cycle, shard, settings, prev_hash, prev_last)
+        problems, ce = check_entry(raw, cycle, shard, settings, prev_hash, prev_last)
         report.problems.extend(problems)
         report.entries += 1
         if ce is not None:
