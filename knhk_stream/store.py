@@ -9,7 +9,9 @@ append is atomic on a cluster as on a single server.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ import redis
 
 from .committed import CommittedEntry
 from .encoding import ZERO_HASH, cycle_key
-from .quorum import check_quorum
+from .quorum import QuorumCheck, check_quorum
 from .settings import ChainSettings
 
 ENTRY_FIELDS = (
@@ -250,6 +252,7 @@ def check_entry(
     settings: ChainSettings,
     prev_hash: bytes | None,
     prev_last_offset: int | None,
+    quorum: QuorumCheck | None = None,
 ) -> tuple[list[Problem], CommittedEntry | None]:
     """Every per-entry check; returns the problems and the entry if it parsed."""
     out: list[Problem] = []
@@ -286,7 +289,8 @@ def check_entry(
             f"is {e.prev_entry_hash.hex()}, the entry before it has hash "
             f"{prev_hash.hex()}: an entry is missing (a hole) or was changed",
         )
-    quorum = check_quorum(ce.entry_hash, ce.votes, settings.public_keys, settings.threshold)
+    if quorum is None:
+        quorum = check_quorum(ce.entry_hash, ce.votes, settings.public_keys, settings.threshold)
     recomputed = e.entry_hash
     if recomputed != ce.entry_hash:
         if quorum.valid:
@@ -328,6 +332,31 @@ def _placeholder(name: str) -> str:
     return "0"
 
 
+_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="knhk-verify")
+
+
+def _with_quorum_checks(
+    rows: Iterator[tuple[int, dict[str, str]]], settings: ChainSettings, batch: int = 256
+) -> Iterator[tuple[int, dict[str, str], QuorumCheck | None]]:
+    """Signature checks dominate verification and OpenSSL releases the GIL: run a batch in threads."""
+
+    def check(raw: dict[str, str]) -> QuorumCheck | None:
+        try:
+            ce = CommittedEntry.from_mapping(raw)
+        except (ValueError, KeyError, TypeError):
+            return None  # check_entry reports what does not parse
+        return check_quorum(ce.entry_hash, ce.votes, settings.public_keys, settings.threshold)
+
+    chunk: list[tuple[int, dict[str, str]]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch:
+            yield from zip(*zip(*chunk, strict=True), _POOL.map(check, (r for _, r in chunk)), strict=True)
+            chunk = []
+    if chunk:
+        yield from zip(*zip(*chunk, strict=True), _POOL.map(check, (r for _, r in chunk)), strict=True)
+
+
 def verify_range(
     store: LockchainStore,
     settings: ChainSettings,
@@ -349,13 +378,13 @@ def verify_range(
         prev_last = before.entry.last_offset if before else None
     listed: list[int] = []
     last: CommittedEntry | None = None
-    for cycle, raw in store.raw_range(shard, from_cycle, to_cycle):
+    for cycle, raw, quorum in _with_quorum_checks(store.raw_range(shard, from_cycle, to_cycle), settings):
         listed.append(cycle)
         if not raw:
             report.problems.append(Problem(cycle, ("cycles",), "listed in the cycles set, but its entry is missing"))
             prev_hash = None  # cannot link across a missing entry; the next link check is skipped
             continue
-        problems, ce = check_entry(raw, cycle, shard, settings, prev_hash, prev_last)
+        problems, ce = check_entry(raw, cycle, shard, settings, prev_hash, prev_last, quorum)
         report.problems.extend(problems)
         report.entries += 1
         if ce is not None:
