@@ -43,7 +43,10 @@ def test_sigkilled_peer_restarts_without_hole_fork_or_second_vote(cluster):
     cluster.kill("peer-b")
     cluster.produce(3000, rate=3000)
     cluster.start("peer-b")
-    cluster.wait_until(lambda: "resume at offset" in cluster.log("peer-b").split("started")[-1], 60, "peer-b rejoined")
+    cluster.wait_until(lambda: cluster.log("peer-b").count(" started ") == 2, 30, "peer-b restarted")
+    cluster.wait_until(
+        lambda: "resume at offset" in cluster.log("peer-b").split(" started ")[-1], 60, "peer-b rejoined"
+    )
     cluster.produce(3000, rate=3000)
     cluster.wait_all_committed()
     cluster.wait_until(
@@ -178,6 +181,7 @@ def test_two_faulty_replicas_stall_the_shard_and_nothing_wrong_commits(cluster):
     cluster.produce(1000, rate=1000)
     cluster.wait_until(lambda: _status(cluster)[0] == 3 and all(s["stalled"] for s in _status(cluster)[1]), 60,
                        "every shard to report a stall")  # fmt: skip
+    cluster.wait_until(lambda: "STALLED" in cluster.log("peer-a"), 30, "peer-a to log the stall")
     code, shards = _status(cluster)
     cluster.stop_all()
     assert code == 3
