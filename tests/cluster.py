@@ -84,6 +84,11 @@ class Cluster:
         if keys:
             self.store.client.delete(*keys)
 
+    def wait_joined(self, *names: str, timeout: float = 60) -> None:
+        """Until each named worker holds shards (so no peer misses the first beats)."""
+        for name in names or tuple(self.procs):
+            self.wait_until(lambda n=name: "resume at offset" in self.log(n), timeout, f"{name} to hold shards")
+
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
 

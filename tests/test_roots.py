@@ -352,6 +352,7 @@ def test_pipeline_with_its_own_consumer_loop_is_one_of_four_peers(cluster):
 
     thread = threading.Thread(target=pipeline, daemon=True)
     thread.start()
+    cluster.wait_joined("peer-a", "peer-b", "peer-c")
     cluster.produce(4000, rate=2000)
     cluster.wait_all_committed()
     cluster.wait_until(
