@@ -18,7 +18,7 @@ from . import PROTOCOL, merkle
 from .chain import Entry
 from .committed import CommittedEntry
 from .encoding import H
-from .quorum import verify_signature
+from .quorum import check_quorum
 from .receipts import APPLIED, RECEIPT_SIZE, DeltaProcessor, Receipt, rejections_by_code
 from .settings import ChainSettings
 
@@ -323,18 +323,7 @@ def vote_problems(entry_hash: bytes, votes: Sequence[tuple[str, bytes]], peers: 
     Stricter than a quorum proof (which ignores bad extra votes): a committer only
     stores votes it verified, so any bad vote in a bundle or export was altered.
     """
-    out: list[str] = []
-    seen: set[str] = set()
-    for i, (peer_id, sig) in enumerate(votes):
-        where = f"votes[{i}] ({peer_id!r})"
-        if peer_id in seen:
-            out.append(f"{where}: the peer voted twice; a vote counts once")
-        elif peer_id not in peers:
-            out.append(f"{where}: not a peer of the chain settings (known: {', '.join(sorted(peers))})")
-        elif not verify_signature(peers[peer_id], entry_hash, sig):
-            out.append(f"{where}: the signature does not verify for entry hash {entry_hash.hex()}")
-        seen.add(peer_id)
-    return out
+    return list(check_quorum(entry_hash, votes, peers, 0).rejected)
 
 
 def _check_quorum(p: _Parsed, settings: ChainSettings) -> str:

@@ -151,7 +151,8 @@ class Vote:
 class QuorumCheck:
     valid: bool
     signers: tuple[str, ...]
-    problems: tuple[str, ...]
+    rejected: tuple[str, ...]  # why each vote that did not count was refused
+    problems: tuple[str, ...]  # rejected, and the shortfall when below the threshold
 
 
 def check_quorum(
@@ -162,19 +163,21 @@ def check_quorum(
 ) -> QuorumCheck:
     """Is `votes` a valid quorum proof for `entry_hash`? Says why each vote did not count."""
     signers: list[str] = []
-    problems: list[str] = []
-    for peer_id, signature in votes:
+    rejected: list[str] = []
+    for i, (peer_id, signature) in enumerate(votes):
+        where = f"votes[{i}] ({peer_id!r})"
         if peer_id in signers:
-            problems.append(f"{peer_id}: repeated peer")
+            rejected.append(f"{where}: repeated peer; a vote counts once")
         elif peer_id not in peers:
-            problems.append(f"{peer_id}: unknown peer")
+            rejected.append(f"{where}: unknown peer (known: {', '.join(sorted(peers))})")
         elif not verify_signature(peers[peer_id], entry_hash, signature):
-            problems.append(f"{peer_id}: bad signature")
+            rejected.append(f"{where}: bad signature, it does not verify for entry hash {entry_hash.hex()}")
         else:
             signers.append(peer_id)
+    problems = list(rejected)
     if len(signers) < threshold:
         problems.append(f"{len(signers)} valid votes, threshold {threshold}")
-    return QuorumCheck(len(signers) >= threshold, tuple(signers), tuple(problems))
+    return QuorumCheck(len(signers) >= threshold, tuple(signers), tuple(rejected), tuple(problems))
 
 
 class VoteStatus(Enum):
