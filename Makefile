@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: test demo lint bench clean
 
@@ -22,7 +23,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check knhk_stream tests bench
 	$(PY) -m ruff format --check knhk_stream tests bench
 
-bench: $(STAMP)
+# The dev extra adds matplotlib (the chart) and the profilers; without it the bench still runs.
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]' || echo "dev extra not installed: the bench runs without a chart or profiles"
+	touch $(DEV_STAMP)
+
+bench: $(DEV_STAMP)
 	$(PY) bench/run.py
 
 clean:

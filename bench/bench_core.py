@@ -1,6 +1,7 @@
 """Core throughput, no Kafka or Redis: decode + hook + receipt + Merkle per delta, and vote crypto.
 
 Run by hand: `.venv/bin/python bench/bench_core.py`. Prints deltas/s per case (median of 5 runs).
+The full benchmark (Kafka, Redis, four peers, baselines, chart) is bench/run.py (`make bench`).
 """
 
 from __future__ import annotations

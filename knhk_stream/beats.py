@@ -73,20 +73,26 @@ class BeatAssembler:
     def feed(self, offset: int, timestamp_ms: int, marker: bool, value: bytes | None) -> Beat | None:
         """Take one record; returns the beat it closes, if it closes one that holds deltas."""
         tick_index = timestamp_ms // self.tick_ms
-        if self.last_tick is not None and tick_index < self.last_tick:
-            tick_index = self.last_tick
+        last = self.last_tick
+        if last is not None and tick_index < last:
+            tick_index = last
         self.last_tick = tick_index
         cycle, tick = divmod(tick_index, TICKS_PER_BEAT)
-        closed: Beat | None = None
         ob = self._open
-        if ob is not None and offset <= ob.last_offset:
-            raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
-        if ob is None or cycle != ob.cycle:
-            if ob is not None and ob.receipts:
-                closed = Beat(self.shard, ob.cycle, ob.first_offset, ob.last_offset, tuple(ob.receipts))
-            ob = self._open = _OpenBeat(cycle, offset, offset)
-        else:
+        if ob is not None and cycle == ob.cycle:  # the common case: the open beat goes on
+            if offset <= ob.last_offset:
+                raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
             ob.last_offset = offset
+            if not marker:
+                ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
+            return None
+        closed: Beat | None = None
+        if ob is not None:
+            if offset <= ob.last_offset:
+                raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
+            if ob.receipts:
+                closed = Beat(self.shard, ob.cycle, ob.first_offset, ob.last_offset, tuple(ob.receipts))
+        ob = self._open = _OpenBeat(cycle, offset, offset)
         if not marker:
             ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
         return closed

@@ -23,6 +23,7 @@ HOOK_ERROR = "hook_error"
 REJECTION_CODES = (MALFORMED, EMPTY, TOO_LARGE, INVALID_TERM, HOOK_ERROR)
 
 MAX_TERM_BYTES = 4096
+_SHORT = MAX_TERM_BYTES // 4  # code points that surely fit in MAX_TERM_BYTES
 AVRO_MAGIC = b"\xc3\x01"
 
 
@@ -86,9 +87,15 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_JSON = json.JSONDecoder(
-    object_pairs_hook=_object, parse_int=_number, parse_float=_number, parse_constant=_no_constant
-)
+_JSON = json.JSONDecoder(object_pairs_hook=_object, parse_int=_number, parse_float=_number, parse_constant=_no_constant)
+# The fast path's scanner: objects come back as tuples of (key, value) pairs, built in C,
+# and repeated keys are found afterwards (dict(pairs) is shorter than the pairs).
+_SCAN_PAIRS = json.JSONDecoder(
+    object_pairs_hook=tuple, parse_int=_number, parse_float=_number, parse_constant=_no_constant
+).scan_once
+_new = tuple.__new__  # NamedTuple construction without its Python-level __new__
+_NONE: Any = object()
+_CONTAINERS = (tuple, list)
 
 
 def _check_no_surrogates(node: Any) -> None:
@@ -120,7 +127,79 @@ def _json_triples(obj: dict[str, Any], field: str) -> tuple[Triple, ...]:
     return tuple(out)
 
 
+def _fast_json_triples(items: Any) -> list[Triple] | None:
+    """A JSON array of triple objects (as pair tuples) as Triples, or None if anything is unusual."""
+    if type(items) is not list:
+        return None
+    out = []
+    for t in items:
+        if type(t) is not tuple:
+            return None
+        if len(t) == 3:  # the common {"s":…,"p":…,"o":…} in this order
+            (ks, s), (kp, p), (ko, o) = t
+            if ks != "s" or kp != "p" or ko != "o":
+                return None
+            g = None
+        else:
+            d = dict(t)
+            if len(d) != len(t):
+                return None
+            for v in d.values():
+                if type(v) in _CONTAINERS:
+                    return None
+            s, p, o, g = d.get("s"), d.get("p"), d.get("o"), d.get("g")
+            if g is not None and type(g) is not str:
+                return None
+        if type(s) is not str or type(p) is not str or type(o) is not str:
+            return None
+        out.append(_new(Triple, (s, p, o, g)))
+    return out
+
+
+def _fast_json(value: bytes) -> Delta | None:
+    """The common JSON delta, decoded quickly; None when anything is unusual.
+
+    None sends the value down the full path, which decides and explains; for every
+    value this accepts, the full path returns the same Delta. It declines escapes
+    (\\u, which may hide a lone surrogate), whitespace around the object, any
+    repeated key, nested containers in other fields, and every wrong type.
+    """
+    try:
+        text = value.decode("utf-8")
+        obj, end = _SCAN_PAIRS(text, 0)
+    except Exception:  # not decodable or not JSON: the full path says why
+        return None
+    if end != len(text) or type(obj) is not tuple or "\\u" in text:
+        return None
+    d = dict(obj)
+    if len(d) != len(obj):
+        return None
+    adds = d.pop("additions", _NONE)
+    rems = d.pop("removals", _NONE)
+    did = d.pop("id", _NONE)
+    actor = d.pop("actor", _NONE)
+    if did is _NONE:
+        did = None
+    elif type(did) is not str:
+        return None  # null too: the full path calls that malformed
+    if actor is _NONE:
+        actor = None
+    elif type(actor) is not str:
+        return None
+    for v in d.values():  # other fields are ignored, but may not hide repeated keys
+        if type(v) in _CONTAINERS:
+            return None
+    a = [] if adds is _NONE else _fast_json_triples(adds)
+    r = [] if rems is _NONE else _fast_json_triples(rems)
+    if a is None or r is None:
+        return None
+    return _new(Delta, (tuple(a), tuple(r), did, actor))
+
+
 def _decode_json(value: bytes) -> Delta:
+    fast = _fast_json(value)
+    if fast is not None:
+        return fast
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -147,9 +226,79 @@ def _decode_json(value: bytes) -> Delta:
     )
 
 
+def _varint(b: bytes, i: int) -> tuple[int, int]:
+    """A zig-zag Avro long at b[i:] (IndexError past the end): (value, next index)."""
+    n = shift = 0
+    while True:
+        x = b[i]
+        i += 1
+        n |= (x & 0x7F) << shift
+        if x < 0x80:
+            return (n >> 1) ^ -(n & 1), i
+        shift += 7
+        if shift > 63:
+            raise ValueError("Avro long longer than 10 bytes")
+
+
+def _avro_str(b: bytes, i: int) -> tuple[str, int]:
+    x = b[i]
+    if x < 0x80:
+        n, i = (x >> 1) ^ -(x & 1), i + 1
+    else:
+        n, i = _varint(b, i)
+    j = i + n
+    if n < 0 or j > len(b):
+        raise ValueError("bad Avro string length")
+    return b[i:j].decode("utf-8"), j
+
+
+def _avro_triples(b: bytes, i: int) -> tuple[list[Triple], int]:
+    out: list[Triple] = []
+    while True:
+        count, i = _varint(b, i)
+        if count == 0:
+            return out, i
+        if count < 0:  # a block with its byte size: rare, left to fastavro
+            raise ValueError("Avro block with a byte size")
+        for _ in range(count):
+            s, i = _avro_str(b, i)
+            p, i = _avro_str(b, i)
+            o, i = _avro_str(b, i)
+            branch = b[i]
+            i += 1
+            if branch == 0:
+                g = None
+            elif branch == 2:  # union index 1 (zig-zag): string
+                g, i = _avro_str(b, i)
+            else:
+                raise ValueError("bad union index")
+            out.append(_new(Triple, (s, p, o, g)))
+
+
+def _fast_avro(value: bytes) -> Delta | None:
+    """`io.knhk.Delta` read directly (the schema is fixed); None when anything is unusual.
+
+    None sends the value down the full path (fastavro), which decides and explains;
+    for every value this accepts, fastavro returns the same record.
+    """
+    try:
+        did, i = _avro_str(value, 10)
+        adds, i = _avro_triples(value, i)
+        rems, i = _avro_triples(value, i)
+        actor, i = _avro_str(value, i)
+    except Exception:  # IndexError, UnicodeDecodeError, ValueError
+        return None
+    if i != len(value):
+        return None
+    return _new(Delta, (tuple(adds), tuple(rems), did, actor))
+
+
 def _decode_avro(value: bytes) -> Delta:
     if value[2:10] != AVRO_FINGERPRINT:
         raise _Malformed(f"unknown Avro schema fingerprint {value[2:10].hex()}")
+    fast = _fast_avro(value)
+    if fast is not None:
+        return fast
     buf = io.BytesIO(value)
     buf.seek(10)
     try:
@@ -192,16 +341,54 @@ def decode_delta(value: bytes | None, max_triples: int = 1024) -> Delta | Reject
             return Rejected(EMPTY, "the delta has no triples")
         if n > max_triples:
             return Rejected(TOO_LARGE, f"{n} triples, more than max_triples={max_triples}")
-        for field in (delta.additions, delta.removals):
-            for t in field:
-                bad = _bad_term(t, MAX_TERM_BYTES)
-                if bad:
-                    return Rejected(INVALID_TERM, bad)
+        for field in delta[:2]:
+            for s, p, o, g in field:
+                # A term of at most MAX_TERM_BYTES / 4 code points fits in MAX_TERM_BYTES UTF-8
+                # bytes; only an empty or a longer term needs _bad_term's closer look.
+                if (
+                    not (s and p and o)
+                    or len(s) > _SHORT
+                    or len(p) > _SHORT
+                    or len(o) > _SHORT
+                    or (g is not None and len(g) > _SHORT)
+                ):
+                    bad = _bad_term(_new(Triple, (s, p, o, g)), MAX_TERM_BYTES)
+                    if bad:
+                        return Rejected(INVALID_TERM, bad)
         return delta
     except _Malformed as e:
         return Rejected(MALFORMED, str(e))
     except Exception as e:  # never crash a peer on input bytes
         return Rejected(MALFORMED, f"undecodable: {type(e).__name__}: {e}")
+
+
+def decode_valid(value: bytes, max_triples: int = 1024) -> Delta | None:
+    """The hot path: the Delta decode_delta returns for `value` when it is valid, else None.
+
+    None means "ask decode_delta": the value is rejected, or unusual (see `_fast_json`),
+    or has a term that needs a closer look; decode_delta then decides and explains.
+    """
+    if value[:2] == AVRO_MAGIC:
+        delta = _fast_avro(value) if value[2:10] == AVRO_FINGERPRINT else None
+    else:
+        delta = _fast_json(value)
+    if delta is None:
+        return None
+    adds, rems = delta[0], delta[1]
+    n = len(adds) + len(rems)
+    if n == 0 or n > max_triples:
+        return None
+    for field in (adds, rems):
+        for s, p, o, g in field:
+            if (
+                not (s and p and o)
+                or len(s) > _SHORT
+                or len(p) > _SHORT
+                or len(o) > _SHORT
+                or (g is not None and len(g) > _SHORT)
+            ):
+                return None
+    return delta
 
 
 def encode_avro(delta: Delta) -> bytes:

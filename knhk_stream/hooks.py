@@ -53,28 +53,41 @@ def encode_actions(actions: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-def _encode_canonical(actions: Sequence[tuple[int, str, str, str, str]]) -> bytes:
-    """encode_actions without the checks: canonical@1's actions are well-formed by construction."""
-    out = bytearray()
-    for op, s, p, o, g in actions:
-        out.append(op)
-        for term in (s, p, o, g):
-            b = term.encode("utf-8")
-            out += len(b).to_bytes(4, "big")
-            out += b
-    return bytes(out)
+_OP_LEN = struct.Struct(">BI").pack
+_LEN = _U32.pack
+_NO_GRAPH = bytes(4)  # str32 of the empty string
 
 
-def _key(t: Triple) -> tuple[str, str, str, str]:
+def _sorted_keys(triples: Sequence[Triple]) -> list[tuple[str, str, str, str]]:
+    """(s, p, o, g or "") of each triple, sorted, without duplicates."""
+    if len(triples) == 1:  # the common case: nothing to sort or drop
+        s, p, o, g = triples[0]
+        return [(s, p, o, g or "")]
     # Code-point order of str equals UTF-8 byte order for valid Unicode.
-    return (t.s, t.p, t.o, t.g or "")
+    return sorted({(s, p, o, g or "") for s, p, o, g in triples})
 
 
 def canonical(delta: Delta) -> list[tuple[int, str, str, str, str]]:
     """Additions then removals, each sorted by (s, p, o, g) bytes, duplicates dropped."""
-    adds = sorted({_key(t) for t in delta.additions})
-    rems = sorted({_key(t) for t in delta.removals})
+    adds = _sorted_keys(delta.additions) if delta.additions else []
+    rems = _sorted_keys(delta.removals) if delta.removals else []
     return [(ADD, *k) for k in adds] + [(REMOVE, *k) for k in rems]
+
+
+def canonical_encoded(delta: Delta) -> tuple[int, bytes]:
+    """(lanes, encoded actions) of canonical@1, without building the action tuples."""
+    parts = []
+    for op, triples in ((ADD, delta[0]), (REMOVE, delta[1])):
+        if not triples:
+            continue
+        for s, p, o, g in _sorted_keys(triples):
+            bs, bp, bo = s.encode(), p.encode(), o.encode()
+            if g:
+                bg = g.encode()
+                parts.append(_OP_LEN(op, len(bs)) + bs + _LEN(len(bp)) + bp + _LEN(len(bo)) + bo + _LEN(len(bg)) + bg)
+            else:
+                parts.append(_OP_LEN(op, len(bs)) + bs + _LEN(len(bp)) + bp + _LEN(len(bo)) + bo + _NO_GRAPH)
+    return len(parts), b"".join(parts)
 
 
 @dataclass(frozen=True)
@@ -91,8 +104,7 @@ class Hook:
     def actions(self, delta: Delta) -> tuple[int, bytes]:
         """(lanes, encoded actions), or HookError for anything a hook gets wrong."""
         if self.function is canonical:  # the hot path: decoded terms are valid, skip the checks
-            out = canonical(delta)
-            return len(out), _encode_canonical(out)
+            return canonical_encoded(delta)
         try:
             out = self.function(delta)
         except Exception as e:
