@@ -53,8 +53,10 @@ class Cluster:
         return p
 
     def start_all(self) -> None:
+        """Start every peer and wait until each holds shards, so every peer votes from the first beat."""
         for peer in self.settings.peers:
             self.start(peer.id)
+        self.wait_joined(*(p.id for p in self.settings.peers))
 
     def kill(self, name: str) -> None:
         self.procs[name].send_signal(signal.SIGKILL)
