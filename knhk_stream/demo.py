@@ -120,6 +120,12 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                             if ahead > 0:
                                 time.sleep(ahead)
 
+            click.echo("waiting for the peers to join their consumer groups ...")
+            join_deadline = time.monotonic() + 60
+            while time.monotonic() < join_deadline and not all(
+                "resume at offset" in (workdir / f"{pid}.log").read_text(errors="replace") for pid in PEERS
+            ):
+                time.sleep(0.2)
             producer = threading.Thread(target=produce, daemon=True)
             producer.start()
             deadline = time.monotonic() + timeout
