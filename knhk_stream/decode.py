@@ -341,18 +341,10 @@ def decode_delta(value: bytes | None, max_triples: int = 1024) -> Delta | Reject
             return Rejected(EMPTY, "the delta has no triples")
         if n > max_triples:
             return Rejected(TOO_LARGE, f"{n} triples, more than max_triples={max_triples}")
-        for field in delta[:2]:
-            for s, p, o, g in field:
-                # A term of at most MAX_TERM_BYTES / 4 code points fits in MAX_TERM_BYTES UTF-8
-                # bytes; only an empty or a longer term needs _bad_term's closer look.
-                if (
-                    not (s and p and o)
-                    or len(s) > _SHORT
-                    or len(p) > _SHORT
-                    or len(o) > _SHORT
-                    or (g is not None and len(g) > _SHORT)
-                ):
-                    bad = _bad_term(_new(Triple, (s, p, o, g)), MAX_TERM_BYTES)
+        if _needs_term_check(delta):
+            for field in delta[:2]:
+                for t in field:
+                    bad = _bad_term(_new(Triple, t), MAX_TERM_BYTES)
                     if bad:
                         return Rejected(INVALID_TERM, bad)
         return delta
@@ -360,6 +352,22 @@ def decode_delta(value: bytes | None, max_triples: int = 1024) -> Delta | Reject
         return Rejected(MALFORMED, str(e))
     except Exception as e:  # never crash a peer on input bytes
         return Rejected(MALFORMED, f"undecodable: {type(e).__name__}: {e}")
+
+
+def _needs_term_check(delta: Delta) -> bool:
+    """True when some term is empty or long: a term of at most MAX_TERM_BYTES / 4 code points
+    always fits in MAX_TERM_BYTES UTF-8 bytes, so only those need _bad_term's closer look."""
+    for field in (delta[0], delta[1]):
+        for s, p, o, g in field:
+            if (
+                not (s and p and o)
+                or len(s) > _SHORT
+                or len(p) > _SHORT
+                or len(o) > _SHORT
+                or (g is not None and len(g) > _SHORT)
+            ):
+                return True
+    return False
 
 
 def decode_valid(value: bytes, max_triples: int = 1024) -> Delta | None:
@@ -378,16 +386,8 @@ def decode_valid(value: bytes, max_triples: int = 1024) -> Delta | None:
     n = len(adds) + len(rems)
     if n == 0 or n > max_triples:
         return None
-    for field in (adds, rems):
-        for s, p, o, g in field:
-            if (
-                not (s and p and o)
-                or len(s) > _SHORT
-                or len(p) > _SHORT
-                or len(o) > _SHORT
-                or (g is not None and len(g) > _SHORT)
-            ):
-                return None
+    if _needs_term_check(delta):
+        return None
     return delta
 
 
