@@ -16,19 +16,19 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from knhk_stream import merkle
-from knhk_stream.beats import BeatAssembler
-from knhk_stream.chain import Entry, entry_for_beat
-from knhk_stream.committed import CommittedEntry
-from knhk_stream.decode import encode_json
-from knhk_stream.embedded import resolve_redis
-from knhk_stream.encoding import ZERO_HASH, H
-from knhk_stream.producer import synthetic_deltas
-from knhk_stream.proof import make_bundle, verify_bundle
-from knhk_stream.quorum import Vote, check_quorum, generate_key, public_key_bytes, sign, verify_signature
-from knhk_stream.receipts import DeltaProcessor
-from knhk_stream.settings import ChainSettings, Peer
-from knhk_stream.store import LockchainStore, verify_range
+from knhk_stream.kafka.embedded import resolve_redis
+from knhk_stream.kafka.producer import synthetic_deltas
+from knhk_stream.protocol import merkle
+from knhk_stream.protocol.beats import BeatAssembler
+from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.protocol.decode import encode_json
+from knhk_stream.protocol.encoding import ZERO_HASH, H
+from knhk_stream.protocol.entry import Entry, entry_for_beat
+from knhk_stream.protocol.proof import make_bundle, verify_bundle
+from knhk_stream.protocol.quorum import Vote, check_quorum, generate_key, public_key_bytes, sign, verify_signature
+from knhk_stream.protocol.receipts import DeltaProcessor
+from knhk_stream.protocol.settings import ChainSettings, Peer
+from knhk_stream.store.lockchain import LockchainStore, verify_range
 
 PEERS = ("peer-a", "peer-b", "peer-c", "peer-d")
 

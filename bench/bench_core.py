@@ -9,13 +9,13 @@ from __future__ import annotations
 import statistics
 import time
 
-from knhk_stream import merkle
-from knhk_stream.beats import BeatAssembler
-from knhk_stream.decode import Delta, Triple, encode_avro, encode_json
-from knhk_stream.hooks import load_hook
-from knhk_stream.producer import synthetic_deltas
-from knhk_stream.quorum import generate_key, public_key_bytes, sign, verify_signature
-from knhk_stream.receipts import DeltaProcessor
+from knhk_stream.kafka.producer import synthetic_deltas
+from knhk_stream.protocol import merkle
+from knhk_stream.protocol.beats import BeatAssembler
+from knhk_stream.protocol.decode import Delta, Triple, encode_avro, encode_json
+from knhk_stream.protocol.hooks import load_hook
+from knhk_stream.protocol.quorum import generate_key, public_key_bytes, sign, verify_signature
+from knhk_stream.protocol.receipts import DeltaProcessor
 
 N = 100_000
 

@@ -8,7 +8,7 @@ small and shared and absolute numbers move from run to run:
 
 1. bare consume     a plain confluent-kafka loop (assign + consume(batch)) over the same deltas
 2. core             decode + hook + receipt + Merkle without Kafka or Redis; Merkle root; vote
-                    signing and verification; proof-bundle verification (when knhk_stream.proof has it).
+                    signing and verification; proof-bundle verification (when knhk_stream.protocol.proof has it).
                     Baseline: the same code at --baseline-ref (the core before the issue-6 optimizations)
 3. one peer         one `knhk-stream worker` on 4 shards (1 peer, threshold 1), topic -> committed entries
 4. four peers       threshold 3: throughput, and commit latency after beat close at steady rate for
@@ -58,12 +58,12 @@ if str(ROOT) not in sys.path:
 
 from confluent_kafka import Consumer, Producer, TopicPartition  # noqa: E402
 
-from knhk_stream.decode import Delta, Triple, encode_avro, encode_json  # noqa: E402
-from knhk_stream.demo import start_worker, write_chain  # noqa: E402
-from knhk_stream.producer import synthetic_deltas  # noqa: E402
-from knhk_stream.settings import ChainSettings  # noqa: E402
-from knhk_stream.store import LockchainStore  # noqa: E402
-from knhk_stream.topics import Topics, load_topics  # noqa: E402
+from knhk_stream.kafka.producer import synthetic_deltas  # noqa: E402
+from knhk_stream.kafka.topics import Topics, load_topics  # noqa: E402
+from knhk_stream.protocol.decode import Delta, Triple, encode_avro, encode_json  # noqa: E402
+from knhk_stream.protocol.settings import ChainSettings  # noqa: E402
+from knhk_stream.runtime.demo import start_worker, write_chain  # noqa: E402
+from knhk_stream.store.lockchain import LockchainStore  # noqa: E402
 
 CASES = ("bare", "core", "one", "four", "scale", "memory", "redis")
 SHARDS = 4
@@ -331,7 +331,7 @@ class Env:
 
     def fresh(self, tag: str) -> tuple[str, str, Topics, Path]:
         """A new Redis prefix, topic prefix (topics created) and work dir for one measurement."""
-        from knhk_stream.admin import apply_topics
+        from knhk_stream.kafka.admin import apply_topics
 
         self._n += 1
         name = f"kb{self.run_id}-{tag}-{self._n}"
@@ -405,7 +405,7 @@ def chain_settings(workdir: Path, peers: Sequence[str], threshold: int, tick_ms:
 
 
 def spawn_worker(workdir: Path, *args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-    """knhk_stream.demo.start_worker, run from `workdir`.
+    """knhk_stream.runtime.demo.start_worker, run from `workdir`.
 
     `python -m` puts the working directory first on sys.path: started from the checkout,
     a worker would import the checkout's knhk_stream even with another one on PYTHONPATH
@@ -789,20 +789,20 @@ def case_core(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
 
 def bundle_case(rep: Report, args: argparse.Namespace) -> None:
     try:
-        from knhk_stream import proof  # colleagues' module; may not be there yet
+        from knhk_stream.protocol import proof
     except ImportError:
         proof = None
     if proof is None or not hasattr(proof, "verify_bundle") or not hasattr(proof, "make_bundle"):
-        rep.notes.append("2. Core alone: bundle verification skipped: knhk_stream.proof has no verify_bundle yet.")
-        log("  bundle verification skipped: knhk_stream.proof.verify_bundle not available")
+        rep.notes.append("2. Core alone: bundle verification skipped: knhk_stream.protocol.proof has no verify_bundle yet.")
+        log("  bundle verification skipped: knhk_stream.protocol.proof.verify_bundle not available")
         return
-    from knhk_stream.chain import Entry
-    from knhk_stream.committed import CommittedEntry
-    from knhk_stream.hooks import load_hook
-    from knhk_stream.merkle import root
-    from knhk_stream.quorum import Vote, generate_key, public_key_bytes, sign
-    from knhk_stream.receipts import DeltaProcessor
-    from knhk_stream.settings import Peer
+    from knhk_stream.protocol.committed import CommittedEntry
+    from knhk_stream.protocol.entry import Entry
+    from knhk_stream.protocol.hooks import load_hook
+    from knhk_stream.protocol.merkle import root
+    from knhk_stream.protocol.quorum import Vote, generate_key, public_key_bytes, sign
+    from knhk_stream.protocol.receipts import DeltaProcessor
+    from knhk_stream.protocol.settings import Peer
 
     keys = {p: generate_key() for p in PEERS}
     settings = ChainSettings(peers=tuple(Peer(p, public_key_bytes(k)) for p, k in keys.items()), threshold=3)
@@ -1162,7 +1162,7 @@ def read_votes(bootstrap: str, topic: str) -> dict[tuple[int, int], list[int]]:
     """voted_at_ms of every vote on the votes topic, by (shard, cycle), read to the end of each partition."""
     from confluent_kafka import KafkaError
 
-    from knhk_stream.wire import WireError, decode_vote
+    from knhk_stream.protocol.wire import WireError, decode_vote
 
     c = Consumer(
         {
@@ -1391,12 +1391,12 @@ def case_memory(env: Env, rep: Report, args: argparse.Namespace) -> None:
 def case_redis(env: Env, rep: Report, args: argparse.Namespace) -> None:
     import redis
 
-    from knhk_stream.chain import Entry
-    from knhk_stream.committed import CommittedEntry
-    from knhk_stream.encoding import H
-    from knhk_stream.quorum import Vote, generate_key, public_key_bytes, sign
-    from knhk_stream.settings import Peer
-    from knhk_stream.store import verify_range
+    from knhk_stream.protocol.committed import CommittedEntry
+    from knhk_stream.protocol.encoding import H
+    from knhk_stream.protocol.entry import Entry
+    from knhk_stream.protocol.quorum import Vote, generate_key, public_key_bytes, sign
+    from knhk_stream.protocol.settings import Peer
+    from knhk_stream.store.lockchain import verify_range
 
     n = args.redis_entries
     log(f"7. Redis: {n:,} entries through LockchainStore.append, then verify_range")
@@ -1709,13 +1709,13 @@ def main(argv: Iterable[str] | None = None) -> int:
     broker = None
     try:
         if needs_redis:
-            from knhk_stream.embedded import resolve_redis
+            from knhk_stream.kafka.embedded import resolve_redis
 
             redis_url, lite = resolve_redis(args.redis_url)
         else:
             redis_url = ""
         if needs_kafka:
-            from knhk_stream.embedded import EmbeddedBroker
+            from knhk_stream.kafka.embedded import EmbeddedBroker
 
             broker = EmbeddedBroker(log_path=workdir / "tansu.log").start()
             log(f"embedded broker (Tansu) at {broker.bootstrap}; Redis {redis_url}; scratch {workdir}")

@@ -1,3 +1,3 @@
-from .cli import main
+from knhk_stream.cli.main import main
 
 main()

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from knhk_stream.quorum import generate_key, public_key_bytes
-from knhk_stream.settings import ChainSettings, Peer
-from tests.services import KafkaService, kafka_service, redis_service
+from knhk_stream.protocol.quorum import generate_key, public_key_bytes
+from knhk_stream.protocol.settings import ChainSettings, Peer
+from tests.support.services import KafkaService, kafka_service, redis_service
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,148 @@
+"""What every command module shares: options, error handling, logging, opening the store.
+
+Command modules import this module and nothing else of the CLI. Kafka and Redis
+are imported inside functions, so that `knhk-stream verify-proof` works on a
+plain install without the Kafka extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from knhk_stream.errors import KnhkError
+from knhk_stream.kafka.topics import Topics, load_topics
+from knhk_stream.protocol.settings import ChainSettings
+
+if TYPE_CHECKING:
+    from knhk_stream.store import LockchainStore
+
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+F = Callable[..., Any]
+
+
+class ExitWith(click.ClickException):
+    """A one-line error with a chosen exit status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def fail_cleanly(fn: F) -> F:
+    """Turn the errors a user can fix into one clear line (exit status 1), not a traceback."""
+
+    @wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import redis
+
+        try:
+            return fn(*args, **kwargs)
+        except redis.ConnectionError as e:
+            raise click.ClickException(
+                f"cannot reach Redis: {e}. Start Redis or pass --redis URL (or set KNHK_REDIS)."
+            ) from None
+        except KnhkError as e:
+            raise click.ClickException(str(e)) from None
+
+    return run
+
+
+def options(*opts: Callable[[F], F]) -> Callable[[F], F]:
+    """Stack several click options as one decorator, in the order given."""
+
+    def apply(fn: F) -> F:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+settings_option = click.option(
+    "--settings", "settings_path", envvar="KNHK_SETTINGS", required=True,
+    type=click.Path(dir_okay=False, path_type=Path), help="Chain settings TOML (env KNHK_SETTINGS).",
+)  # fmt: skip
+redis_option = click.option(
+    "--redis", "redis_url", envvar=["KNHK_REDIS", "REDIS_URL"], default=DEFAULT_REDIS, show_default=True,
+    help="Redis URL: redis://[user:password@]host:port/db, rediss:// for TLS (env KNHK_REDIS).",
+)  # fmt: skip
+prefix_option = click.option(
+    "--prefix", envvar="KNHK_PREFIX", default="knhk", show_default=True, help="Redis key prefix (env KNHK_PREFIX)."
+)
+bootstrap_option = click.option(
+    "--bootstrap",
+    "--bootstrap-server",
+    "bootstrap",
+    envvar="KNHK_BOOTSTRAP",
+    default=DEFAULT_BOOTSTRAP,
+    show_default=True,
+    help="Kafka bootstrap servers (env KNHK_BOOTSTRAP).",
+)
+kafka_config_option = click.option(
+    "--kafka-config",
+    "kafka_config",
+    multiple=True,
+    envvar="KNHK_KAFKA_CONFIG",
+    metavar="KEY=VALUE",
+    help="Any librdkafka setting, e.g. security.protocol=SASL_SSL (repeatable; env KNHK_KAFKA_CONFIG).",
+)
+topic_prefix_option = click.option(
+    "--topic-prefix",
+    envvar="KNHK_TOPIC_PREFIX",
+    default=None,
+    help="Use {prefix}.deltas, {prefix}.votes, {prefix}.roots instead of the declared names (env KNHK_TOPIC_PREFIX).",
+)
+declarations_option = click.option(
+    "--declarations",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="KNHK_TOPICS",
+    help="Topic declarations TOML (default: the packaged topics/knhk.toml; env KNHK_TOPICS).",
+)
+kafka_options = options(bootstrap_option, topic_prefix_option, declarations_option, kafka_config_option)
+store_options = options(settings_option, redis_option, prefix_option)
+shard_option = click.option("--shard", type=int, multiple=True, help="Shard(s); default: every shard with a head.")
+range_options = options(
+    click.option("--from", "from_cycle", type=int, help="First cycle (inclusive)."),
+    click.option("--to", "to_cycle", type=int, help="Last cycle (inclusive)."),
+)
+
+
+def parse_kafka_config(items: tuple[str, ...]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--kafka-config")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_topics(declarations: Path | None, topic_prefix: str | None) -> Topics:
+    topics = load_topics(declarations)
+    return topics.renamed(topic_prefix) if topic_prefix else topics
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def open_store(settings: ChainSettings, redis_url: str, prefix: str) -> LockchainStore:
+    from knhk_stream.store import LockchainStore
+
+    return LockchainStore.from_url(redis_url, settings.chain_id, prefix, socket_connect_timeout=5)
+
+
+def shards_of(store: LockchainStore, shard: tuple[int, ...]) -> list[int]:
+    return list(shard) if shard else store.shards()

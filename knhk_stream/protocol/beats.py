@@ -1,0 +1,98 @@
+"""Cutting a shard's records into beats of 8 ticks, deterministically.
+
+T(r) is a running maximum of floor(ts / tick_ms) in offset order, so every
+peer that starts at a beat boundary cuts every later beat identically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from knhk_stream.protocol import merkle
+from knhk_stream.protocol.receipts import DeltaProcessor
+
+TICKS_PER_BEAT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """A closed beat of one shard with the receipts of its deltas in offset order."""
+
+    shard: int
+    cycle: int
+    first_offset: int
+    last_offset: int
+    receipts: tuple[bytes, ...]
+
+    @property
+    def receipt_count(self) -> int:
+        return len(self.receipts)
+
+    @property
+    def ticks(self) -> tuple[int, ...]:
+        """The tick of each receipt (byte 13 of the receipt)."""
+        return tuple(r[13] for r in self.receipts)
+
+    def root(self) -> bytes:
+        return merkle.root(self.receipts)
+
+
+@dataclass(slots=True)
+class _OpenBeat:
+    cycle: int
+    first_offset: int
+    last_offset: int
+    receipts: list[bytes] = field(default_factory=list)
+
+
+class BeatAssembler:
+    """Feed one shard's records in offset order; get each beat when it closes."""
+
+    def __init__(self, shard: int, tick_ms: int, processor: DeltaProcessor) -> None:
+        if tick_ms < 1:
+            raise ValueError(f"tick_ms must be at least 1, got {tick_ms}")
+        self.shard = shard
+        self.tick_ms = tick_ms
+        self.processor = processor
+        self.last_tick: int | None = None  # T of the last record fed
+        self._open: _OpenBeat | None = None
+
+    @property
+    def open_cycle(self) -> int | None:
+        return self._open.cycle if self._open else None
+
+    @property
+    def open_deltas(self) -> int:
+        return len(self._open.receipts) if self._open else 0
+
+    @property
+    def open_first_offset(self) -> int | None:
+        """Where a fresh assembler must start to rebuild the open beat."""
+        return self._open.first_offset if self._open else None
+
+    def feed(self, offset: int, timestamp_ms: int, marker: bool, value: bytes | None) -> Beat | None:
+        """Take one record; returns the beat it closes, if it closes one that holds deltas."""
+        tick_index = timestamp_ms // self.tick_ms
+        last = self.last_tick
+        if last is not None and tick_index < last:
+            tick_index = last
+        self.last_tick = tick_index
+        cycle, tick = divmod(tick_index, TICKS_PER_BEAT)
+        ob = self._open
+        if ob is not None and cycle == ob.cycle:  # the common case: the open beat goes on
+            if offset <= ob.last_offset:
+                raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
+            ob.last_offset = offset
+            if not marker:
+                ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
+            return None
+        closed: Beat | None = None
+        if ob is not None:
+            if offset <= ob.last_offset:
+                raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
+            if ob.receipts:
+                closed = Beat(self.shard, ob.cycle, ob.first_offset, ob.last_offset, tuple(ob.receipts))
+        ob = self._open = _OpenBeat(cycle, offset, offset)
+        if not marker:
+            ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
+        return closed

@@ -1,0 +1,67 @@
+"""A committed entry: the entry, its quorum votes, and who appended it when."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.quorum import Vote
+
+
+@dataclass(frozen=True)
+class CommittedEntry:
+    """An entry as committed: its fields, hash, quorum votes and who wrote it."""
+
+    entry: Entry
+    entry_hash: bytes
+    votes: tuple[tuple[str, bytes], ...]
+    committed_by: str
+    committed_at_ms: int
+
+    def to_redis(self) -> dict[str, str]:
+        f = {k: str(v) for k, v in self.entry.to_fields().items()}
+        f["entry_hash"] = self.entry_hash.hex()
+        f["votes"] = votes_json(self.votes)
+        f["committed_by"] = self.committed_by
+        f["committed_at_ms"] = str(self.committed_at_ms)
+        return f
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.entry.to_fields(),
+            "entry_hash": self.entry_hash.hex(),
+            "votes": [{"peer_id": p, "signature": s.hex()} for p, s in self.votes],
+            "committed_by": self.committed_by,
+            "committed_at_ms": self.committed_at_ms,
+        }
+
+    @classmethod
+    def from_mapping(cls, f: dict[str, Any]) -> CommittedEntry:
+        """From a Redis hash or a JSON object; ValueError/KeyError on a bad field."""
+        votes = f["votes"]
+        if isinstance(votes, str):
+            votes = json.loads(votes)
+        return cls(
+            Entry.from_fields(f),
+            bytes.fromhex(str(f["entry_hash"])),
+            tuple((str(v["peer_id"]), bytes.fromhex(v["signature"])) for v in votes),
+            str(f["committed_by"]),
+            int(f["committed_at_ms"]),
+        )
+
+    @classmethod
+    def from_quorum(cls, entry: Entry, votes: Sequence[Vote], committed_by: str, at_ms: int) -> CommittedEntry:
+        ordered = sorted(((v.peer_id, v.signature) for v in votes), key=lambda pv: pv[0])
+        return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms)
+
+
+def votes_json(votes: Sequence[tuple[str, bytes]]) -> str:
+    """`[{"peer_id":…,"signature":hex}]` sorted by peer id, compact."""
+    return json.dumps(
+        [{"peer_id": p, "signature": s.hex()} for p, s in sorted(votes, key=lambda pv: pv[0])],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )

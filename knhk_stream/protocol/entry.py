@@ -1,0 +1,96 @@
+"""Lockchain entries: one hash-chained link per committed beat of a shard."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from knhk_stream.protocol.beats import Beat
+from knhk_stream.protocol.encoding import ZERO_HASH, H, str16, u32, u64
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    chain_id: str
+    shard: int
+    cycle: int
+    root: bytes
+    receipt_count: int
+    first_offset: int
+    last_offset: int
+    prev_entry_hash: bytes
+
+    @property
+    def entry_hash(self) -> bytes:
+        return H(
+            b"\x02"
+            + str16(self.chain_id)
+            + u32(self.shard)
+            + u64(self.cycle)
+            + self.root
+            + u64(self.receipt_count)
+            + u64(self.first_offset)
+            + u64(self.last_offset)
+            + self.prev_entry_hash
+        )
+
+    def to_fields(self) -> dict[str, str | int]:
+        """The entry's fields as JSON-ready values (hashes as lowercase hex)."""
+        return {
+            "chain_id": self.chain_id,
+            "shard": self.shard,
+            "cycle": self.cycle,
+            "root": self.root.hex(),
+            "receipt_count": self.receipt_count,
+            "first_offset": self.first_offset,
+            "last_offset": self.last_offset,
+            "prev_entry_hash": self.prev_entry_hash.hex(),
+        }
+
+    @classmethod
+    def from_fields(cls, f: dict[str, object]) -> Entry:
+        """Inverse of to_fields; accepts ints as numbers or decimal strings, hashes as hex or bytes."""
+
+        def h(name: str) -> bytes:
+            v = f[name]
+            b = v if isinstance(v, bytes) else bytes.fromhex(str(v))
+            if len(b) != 32:
+                raise ValueError(f"{name} must be 32 bytes, got {len(b)}")
+            return b
+
+        def n(name: str) -> int:
+            v = f[name]
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ValueError(f"{name} must be an integer")
+            i = int(v)
+            if i < 0:
+                raise ValueError(f"{name} must not be negative")
+            return i
+
+        return cls(
+            str(f["chain_id"]),
+            n("shard"),
+            n("cycle"),
+            h("root"),
+            n("receipt_count"),
+            n("first_offset"),
+            n("last_offset"),
+            h("prev_entry_hash"),
+        )
+
+
+def entry_for_beat(chain_id: str, beat: Beat, prev_entry_hash: bytes = ZERO_HASH) -> Entry:
+    return Entry(
+        chain_id,
+        beat.shard,
+        beat.cycle,
+        beat.root(),
+        beat.receipt_count,
+        beat.first_offset,
+        beat.last_offset,
+        prev_entry_hash,
+    )
+
+
+def record_key(chain_id: str, shard: int, cycle: int) -> str:
+    """Key of vote and committed-root records: `chain_id/shard/cycle:020`."""
+    return f"{chain_id}/{shard}/{cycle:020d}"
