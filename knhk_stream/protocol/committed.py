@@ -18,12 +18,14 @@ class CommittedEntry:
     entry: Entry
     entry_hash: bytes
     votes: tuple[tuple[str, bytes], ...]
-    committed_by: str
-    committed_at_ms: int
+    committed_by: str  # informational: no signature covers it
+    committed_at_ms: int  # informational
+    epoch: int = 0  # number of the epoch of the entry's cycle (protocol v2)
 
     def to_redis(self) -> dict[str, str]:
         f = {k: str(v) for k, v in self.entry.to_fields().items()}
         f["entry_hash"] = self.entry_hash.hex()
+        f["epoch"] = str(self.epoch)
         f["votes"] = votes_json(self.votes)
         f["committed_by"] = self.committed_by
         f["committed_at_ms"] = str(self.committed_at_ms)
@@ -33,6 +35,7 @@ class CommittedEntry:
         return {
             **self.entry.to_fields(),
             "entry_hash": self.entry_hash.hex(),
+            "epoch": self.epoch,
             "votes": [{"peer_id": p, "signature": s.hex()} for p, s in self.votes],
             "committed_by": self.committed_by,
             "committed_at_ms": self.committed_at_ms,
@@ -50,12 +53,14 @@ class CommittedEntry:
             tuple((str(v["peer_id"]), bytes.fromhex(v["signature"])) for v in votes),
             str(f["committed_by"]),
             int(f["committed_at_ms"]),
+            int(f.get("epoch", 0)),
         )
 
     @classmethod
     def from_quorum(cls, entry: Entry, votes: Sequence[Vote], committed_by: str, at_ms: int) -> CommittedEntry:
         ordered = sorted(((v.peer_id, v.signature) for v in votes), key=lambda pv: pv[0])
-        return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms)
+        epoch = votes[0].epoch if votes else 0
+        return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms, epoch)
 
 
 def votes_json(votes: Sequence[tuple[str, bytes]]) -> str:

@@ -141,6 +141,7 @@ class Vote:
     peer_id: str
     signature: bytes
     voted_at_ms: int = 0
+    epoch: int = 0  # number of the epoch of the entry's cycle (protocol v2)
 
     @property
     def entry_hash(self) -> bytes:
