@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check knhk_stream tests bench
+	$(VENV)/bin/lint-imports --no-logo
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

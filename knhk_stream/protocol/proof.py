@@ -14,8 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from knhk_stream import PROTOCOL
-from knhk_stream.protocol import merkle
+from knhk_stream.protocol import PROTOCOL, merkle
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
 from knhk_stream.protocol.entry import Entry
