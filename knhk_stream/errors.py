@@ -94,3 +94,7 @@ class ForkError(LockchainError):
 
 class NotNextError(LockchainError):
     """The entry does not follow the head (its predecessor is missing or another)."""
+
+
+class EpochError(KnhkError, ValueError):
+    """An epoch statement that is malformed, or does not follow the epoch before it."""

@@ -176,7 +176,7 @@ def replay_beats(records: Iterable[Record], shard: int, tick_ms: int, processor:
 
 
 def _processor(settings: ChainSettings) -> DeltaProcessor:
-    return DeltaProcessor(settings.load_hook(), settings.max_triples)
+    return settings.processor()  # type: ignore[return-value]  # one per epoch when there are several
 
 
 # -- comparing a replayed beat with its entry -----------------------------------------------
@@ -402,7 +402,7 @@ def build_bundle(
     if rec.marker:
         raise ProofUnavailable(_marker_message(shard, offset))
     leaf = next(i for i, r in enumerate(beat.receipts) if receipt_offset(r) == offset)
-    bundle = make_bundle(ce, beat.receipts, leaf, rec.value, hash_only)
+    bundle = make_bundle(ce, beat.receipts, leaf, rec.value, hash_only, settings.epoch_chain.epochs)
     check = verify_bundle(bundle, settings)
     if not check.ok:
         raise AuditError(
@@ -740,7 +740,7 @@ def _check_shard(
         problems, _ = check_entry(ce.to_redis(), e.cycle, shard, settings, None, None)
         if problems:
             raise ChainImportError(n, f"shard {shard} " + "; ".join(str(p) for p in problems))
-        bad_votes = vote_problems(ce.entry_hash, ce.votes, settings.public_keys)
+        bad_votes = vote_problems(ce.entry_hash, ce.votes, settings.epoch_for(ce.entry.cycle))
         if bad_votes:
             raise ChainImportError(n, f"shard {shard} cycle {e.cycle}: " + "; ".join(bad_votes))
         if prev is not None and e.prev_entry_hash != prev.entry_hash:

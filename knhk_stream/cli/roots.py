@@ -98,7 +98,8 @@ def tail(
     shown = 0
     try:
         for ce in reader:
-            click.echo(json.dumps(ce.to_json(), separators=(",", ":")) if as_json else _line(ce, settings.threshold))
+            threshold = settings.epoch_for(ce.entry.cycle).threshold
+            click.echo(json.dumps(ce.to_json(), separators=(",", ":")) if as_json else _line(ce, threshold))
             shown += 1
             if max_roots is not None and shown >= max_roots:
                 break

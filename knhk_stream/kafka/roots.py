@@ -48,7 +48,7 @@ from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.entry import record_key
-from knhk_stream.protocol.quorum import check_quorum
+from knhk_stream.protocol.quorum import QuorumCheck, check_quorum
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root
 from knhk_stream.runtime.node import Record
@@ -407,14 +407,21 @@ class RootsReader:
             raise InvalidRoot("wrong_key", f"key {r.key!r}, the fields say {key!r}", r)
         return ce
 
+    def _quorum(self, ce: CommittedEntry) -> QuorumCheck:
+        epoch = self.settings.epoch_for(ce.entry.cycle)
+        if ce.epoch != epoch.number:
+            why = f"epoch {ce.epoch}, but cycle {ce.entry.cycle} is in epoch {epoch.number}"
+            return QuorumCheck(False, (), (), (why,))
+        return check_quorum(ce.entry_hash, ce.votes, epoch)
+
     def _quorum_ok(self, ce: CommittedEntry) -> bool:
-        return check_quorum(ce.entry_hash, ce.votes, self.settings.public_keys, self.settings.threshold).valid
+        return self._quorum(ce).valid
 
     def _place(self, st: _Shard, r: Record) -> None:
         """A live record: check it, then drop it as a duplicate, hold it, or hand it out."""
         try:
             ce = self._fields_checked(r)
-            q = check_quorum(ce.entry_hash, ce.votes, self.settings.public_keys, self.settings.threshold)
+            q = self._quorum(ce)
             if not q.valid:
                 raise InvalidRoot("bad_quorum", "; ".join(q.problems), r)
         except InvalidRoot as e:

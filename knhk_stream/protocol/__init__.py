@@ -5,4 +5,4 @@ or CLI code (a contract test holds it there), so an independent verifier can
 use it alone.
 """
 
-PROTOCOL = "knhk-stream/1"
+PROTOCOL = "knhk-stream/2"

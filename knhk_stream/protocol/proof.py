@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from knhk_stream.errors import EpochError
 from knhk_stream.protocol import PROTOCOL, merkle
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
 from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.epochs import U32_MAX, U64_MAX, Epoch
 from knhk_stream.protocol.quorum import check_quorum
 from knhk_stream.protocol.receipts import APPLIED, RECEIPT_SIZE, DeltaProcessor, Receipt, rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2
 # The checks, in the order they run; each links one item to the next.
 STEPS = ("bundle", "delta_hash", "receipt", "audit_path", "root", "entry_hash", "quorum")
 ENTRY_KEYS = ("chain_id", "shard", "cycle", "root", "receipt_count", "first_offset", "last_offset", "prev_entry_hash")
@@ -39,12 +41,15 @@ def make_bundle(
     leaf_index: int,
     value: bytes | None,
     hash_only: bool = False,
+    epochs: Sequence[Epoch] = (),
 ) -> dict[str, Any]:
     """The proof bundle for leaf `leaf_index` of the beat whose receipts are `receipts`.
 
     The caller rebuilt `receipts` by replay; `value` is the record value at that
     leaf's offset (None or b"" for a null value). With `hash_only` the bundle
     carries only the value's hash, for deltas that must not leave the cluster.
+    `epochs` are the statements after epoch 0 up to the entry's epoch, so that
+    the bundle can be checked offline from epoch 0 alone.
     """
     e = committed.entry
     receipt = receipts[leaf_index]
@@ -67,6 +72,8 @@ def make_bundle(
         "root": merkle.root(receipts).hex(),
         "entry": e.to_fields(),
         "entry_hash": committed.entry_hash.hex(),
+        "epoch": committed.epoch,
+        "epochs": [ep.to_json() for ep in epochs if 0 < ep.number <= committed.epoch],
         "votes": [{"peer_id": p, "signature": s.hex()} for p, s in sorted(committed.votes)],
         "committed_by": committed.committed_by,
         "committed_at_ms": committed.committed_at_ms,
@@ -126,12 +133,14 @@ class _Parsed:
     entry_hash: bytes
     votes: list[tuple[str, bytes]]
     committed_by: str
+    epoch: int
+    epochs: list[Epoch]
 
 
-def _int(b: dict[str, Any], key: str, where: str = "") -> int:
+def _int(b: dict[str, Any], key: str, where: str = "", top: int = U64_MAX) -> int:
     v = b.get(key)
-    if type(v) is not int or v < 0:
-        raise _Fail("bundle", f"field {where}{key!r} must be a non-negative integer, got {v!r}")
+    if type(v) is not int or not 0 <= v <= top:
+        raise _Fail("bundle", f"field {where}{key!r} must be an integer from 0 to {top}, got {v!r}")
     return v
 
 
@@ -160,7 +169,11 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
     if b.get("protocol") != PROTOCOL:
         raise _Fail("bundle", f"protocol is {b.get('protocol')!r}; this verifier checks {PROTOCOL!r} bundles")
     if b.get("version") != BUNDLE_VERSION:
-        raise _Fail("bundle", f"bundle version {b.get('version')!r} is unknown; this verifier reads version 1")
+        raise _Fail(
+            "bundle",
+            f"bundle version {b.get('version')!r} is unknown; this verifier reads version 2 "
+            "(protocol v2: make the bundle again with `knhk-stream prove`)",
+        )
     chain_id = _str(b, "chain_id")
     if chain_id != settings.chain_id:
         raise _Fail(
@@ -185,7 +198,8 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
     if missing:
         raise _Fail("bundle", f"field 'entry' lacks {', '.join(missing)}")
     _str(entry_obj, "chain_id", "entry.")
-    for k in ("shard", "cycle", "receipt_count", "first_offset", "last_offset"):
+    _int(entry_obj, "shard", "entry.", U32_MAX)
+    for k in ("cycle", "receipt_count", "first_offset", "last_offset"):
         _int(entry_obj, k, "entry.")
     entry = Entry(
         entry_obj["chain_id"],
@@ -205,9 +219,18 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
         if not isinstance(v, dict):
             raise _Fail("bundle", f"votes[{i}] must be an object with peer_id and signature")
         votes.append((_str(v, "peer_id", f"votes[{i}]."), _hex(v.get("signature"), f"'votes[{i}].signature'", None)))
+    raw_epochs = b.get("epochs", [])
+    if not isinstance(raw_epochs, list):
+        raise _Fail("bundle", "field 'epochs' must be a list of epoch statements")
+    epochs = []
+    for i, raw in enumerate(raw_epochs):
+        try:
+            epochs.append(Epoch.from_json(raw, settings.chain_id, settings.tick_ms))
+        except EpochError as e:
+            raise _Fail("bundle", f"epochs[{i}]: {e}") from None
     return _Parsed(
         chain_id=chain_id,
-        shard=_int(b, "shard"),
+        shard=_int(b, "shard", top=U32_MAX),
         cycle=_int(b, "cycle"),
         offset=_int(b, "offset"),
         value=value,
@@ -221,6 +244,8 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
         entry_hash=_hex(b.get("entry_hash"), "'entry_hash'"),
         votes=votes,
         committed_by=_str(b, "committed_by"),
+        epoch=_int(b, "epoch", top=U32_MAX),
+        epochs=epochs,
     )
 
 
@@ -262,7 +287,8 @@ def _check_receipt(p: _Parsed, settings: ChainSettings) -> str:
             raise fail(f"the receipt is for {name} {mine}, the bundle says {name} {theirs}")
     if r.tick >= 8:
         raise fail(f"tick {r.tick} is not 0..7")
-    hook = settings.load_hook()
+    epoch = settings.epoch_for(r.cycle)
+    hook = settings.load_hook(epoch)
     if r.hook_id != hook.hook_id:
         raise fail(
             f"the receipt's hook_id is {r.hook_id.hex()}, but the chain's hook {hook.name} has id {hook.hook_id.hex()}"
@@ -271,7 +297,7 @@ def _check_receipt(p: _Parsed, settings: ChainSettings) -> str:
         raise fail(f"the receipt's delta_hash is {r.delta_hash.hex()}, the record's is {p.delta_hash.hex()}")
     if p.value is None:
         return f"{_describe(r)}; for shard {r.shard} cycle {r.cycle} tick {r.tick} offset {r.offset} (not recomputed)"
-    again = DeltaProcessor(hook, settings.max_triples).receipt(r.shard, r.cycle, r.tick, r.offset, p.value)
+    again = DeltaProcessor(hook, epoch.max_triples).receipt(r.shard, r.cycle, r.tick, r.offset, p.value)
     if again != p.receipt:
         raise fail(
             f"recomputing from the value with {hook.name} gives {_describe(Receipt.from_bytes(again))} "
@@ -317,26 +343,32 @@ def _check_entry(p: _Parsed) -> str:
     return f"fields hash to {got.hex()}; offsets {e.first_offset}..{e.last_offset}"
 
 
-def vote_problems(entry_hash: bytes, votes: Sequence[tuple[str, bytes]], peers: Mapping[str, bytes]) -> list[str]:
+def vote_problems(entry_hash: bytes, votes: Sequence[tuple[str, bytes]], epoch: Epoch) -> list[str]:
     """Why each vote is not a distinct, valid vote of a known peer; empty when all are.
 
     Stricter than a quorum proof (which ignores bad extra votes): a committer only
     stores votes it verified, so any bad vote in a bundle or export was altered.
     """
-    return list(check_quorum(entry_hash, votes, peers, 0).rejected)
+    return list(check_quorum(entry_hash, votes, epoch).rejected)
 
 
 def _check_quorum(p: _Parsed, settings: ChainSettings) -> str:
-    peers = settings.public_keys
-    problems = vote_problems(p.entry_hash, p.votes, peers)
+    epoch = settings.epoch_for(p.entry.cycle)
+    forked = settings.epoch_chain.problem_for_cycle(p.entry.cycle)
+    if forked:
+        raise _Fail("quorum", forked)
+    if p.epoch != epoch.number:
+        raise _Fail("quorum", f"the bundle says epoch {p.epoch}, but cycle {p.entry.cycle} is in epoch {epoch.number}")
+    problems = vote_problems(p.entry_hash, p.votes, epoch)
     if problems:
         raise _Fail("quorum", problems[0])
-    if len(p.votes) < settings.threshold:
-        raise _Fail("quorum", f"{len(p.votes)} valid votes, the threshold is {settings.threshold}")
-    if p.committed_by not in peers:
-        raise _Fail("quorum", f"committed_by {p.committed_by!r} is not a peer of the chain settings")
+    if len(p.votes) < epoch.threshold:
+        raise _Fail("quorum", f"{len(p.votes)} valid votes, the threshold of epoch {epoch.number} is {epoch.threshold}")
     signers = ", ".join(sorted(v[0] for v in p.votes))
-    return f"{len(p.votes)} of {len(peers)} peers signed (threshold {settings.threshold}): {signers}"
+    return (
+        f"{len(p.votes)} of {len(epoch.peers)} peers of epoch {epoch.number} signed "
+        f"(threshold {epoch.threshold}): {signers}"
+    )
 
 
 def verify_bundle(bundle: dict[str, Any], settings: ChainSettings) -> BundleCheck:
@@ -344,6 +376,7 @@ def verify_bundle(bundle: dict[str, Any], settings: ChainSettings) -> BundleChec
     steps: list[StepResult] = []
     try:
         p = _parse(bundle, settings)
+        settings = settings.with_epochs(p.epochs)  # each accepted only through epoch 0 of the settings file
         steps.append(
             StepResult(
                 "bundle",

@@ -1,136 +1,53 @@
-"""Ed25519 votes over entry hashes, and finding a quorum among them.
+"""Votes (Ed25519 over `"knhk-vote/2" || epoch_hash || entry_hash`) and finding a quorum among them.
 
-Only votes from known peers with valid signatures count; a repeated vote
-counts once; a peer that signs two entry hashes for one (shard, cycle)
-equivocates, and both votes are kept as evidence. Only a peer's first vote
-for a (shard, cycle) counts: votes for one key share a partition of the
-votes topic, so every observer sees the same first vote.
+Only votes from peers of the epoch of the entry's cycle with valid signatures
+count; a repeated vote counts once; a peer that signs two different successors
+of one entry in one epoch equivocates, and both votes are kept as evidence.
+A peer's first vote for a successor counts: votes for one shard share a
+partition of the votes topic, so every observer sees the same first vote.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.epochs import Epoch, default_threshold, threshold_problem  # noqa: F401
+from knhk_stream.protocol.keys import (  # noqa: F401 - keys were imported from here in 0.1
+    generate_key,
+    key_from_seed,
+    load_private_key,
+    parse_public_key,
+    public_key_bytes,
+    save_private_key,
+    verify_signature,
+)
 
-VOTE_DOMAIN = b"knhk-vote/1"
-
-
-def default_threshold(n: int) -> int:
-    """floor(2n/3) + 1."""
-    return 2 * n // 3 + 1
+VOTE_DOMAIN = b"knhk-vote/2"
 
 
 def check_threshold(threshold: int, n: int) -> None:
     """floor(n/2) + 1 <= threshold <= n, or a ValueError that says what would work."""
-    low = n // 2 + 1
-    if not low <= threshold <= n:
-        raise ValueError(
-            f"threshold {threshold} is not valid for {n} peers: it must be from {low} to {n} "
-            f"(the default for {n} peers is {default_threshold(n)})"
-        )
+    bad = threshold_problem(threshold, n)
+    if bad:
+        raise ValueError(bad)
 
 
-# -- keys ---------------------------------------------------------------------------------
+def vote_message(epoch_hash: bytes, entry_hash: bytes) -> bytes:
+    """`"knhk-vote/2" || epoch_hash || entry_hash`: a vote is bound to the epoch of its cycle."""
+    return VOTE_DOMAIN + epoch_hash + entry_hash
 
 
-def generate_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+def sign(key: Ed25519PrivateKey, epoch_hash: bytes, entry_hash: bytes) -> bytes:
+    return key.sign(vote_message(epoch_hash, entry_hash))
 
 
-def public_key_bytes(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
-    pub = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def key_from_seed(seed: bytes) -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.from_private_bytes(seed)
-
-
-def save_private_key(key: Ed25519PrivateKey, path: str | Path, overwrite: bool = False) -> None:
-    """PKCS#8 PEM, created with mode 0600 (never briefly world-readable)."""
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)  # an existing file keeps its mode on open: fix it before writing
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-
-
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
-    """A PKCS#8 PEM Ed25519 key, or a file holding the 32-byte seed as hex."""
-    data = Path(path).read_bytes()
-    if data.lstrip().startswith(b"-----BEGIN"):
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: cannot read the PEM private key ({e})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{path}: not an Ed25519 private key")
-        return key
-    try:
-        seed = bytes.fromhex(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"{path}: neither a PEM private key nor a hex seed") from None
-    if len(seed) != 32:
-        raise ValueError(f"{path}: an Ed25519 seed is 32 bytes, got {len(seed)}")
-    return key_from_seed(seed)
-
-
-def parse_public_key(hex_text: str) -> bytes:
-    """32 raw bytes of an Ed25519 public key from hex, checked to be a valid point."""
-    try:
-        raw = bytes.fromhex(hex_text)
-    except (ValueError, TypeError):
-        raise ValueError(f"public_key {hex_text!r} is not hex") from None
-    if len(raw) != 32:
-        raise ValueError(f"public_key must be 32 bytes (64 hex digits), got {len(raw)} bytes")
-    if not _is_curve_point(raw):
-        raise ValueError(f"public_key {hex_text} is not a point on the Ed25519 curve")
-    return raw
-
-
-_P = 2**255 - 19
-_D = (-121665 * pow(121666, _P - 2, _P)) % _P
-
-
-def _is_curve_point(raw: bytes) -> bool:
-    """RFC 8032 5.1.3 decoding: y < p and x^2 = (y^2 - 1) / (d y^2 + 1) has a root."""
-    y = int.from_bytes(raw, "little") & ((1 << 255) - 1)
-    if y >= _P:
-        return False
-    u, v = (y * y - 1) % _P, (_D * y * y + 1) % _P
-    x2 = u * pow(v, _P - 2, _P) % _P
-    if x2 == 0:
-        return not raw[31] >> 7  # x = 0 must not be negative
-    return pow(x2, (_P - 1) // 2, _P) == 1
-
-
-# -- votes --------------------------------------------------------------------------------
-
-
-def vote_message(entry_hash: bytes) -> bytes:
-    return VOTE_DOMAIN + entry_hash
-
-
-def sign(key: Ed25519PrivateKey, entry_hash: bytes) -> bytes:
-    return key.sign(vote_message(entry_hash))
-
-
-def verify_signature(public_key: bytes, entry_hash: bytes, signature: bytes) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, vote_message(entry_hash))
-        return True
-    except (InvalidSignature, ValueError):
-        return False
+def verify_vote(public_key: bytes, epoch_hash: bytes, entry_hash: bytes, signature: bytes) -> bool:
+    return verify_signature(public_key, vote_message(epoch_hash, entry_hash), signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +73,11 @@ class QuorumCheck:
     problems: tuple[str, ...]  # rejected, and the shortfall when below the threshold
 
 
-def check_quorum(
-    entry_hash: bytes,
-    votes: Iterable[tuple[str, bytes]],
-    peers: Mapping[str, bytes],
-    threshold: int,
-) -> QuorumCheck:
-    """Is `votes` a valid quorum proof for `entry_hash`? Says why each vote did not count."""
+def check_quorum(entry_hash: bytes, votes: Iterable[tuple[str, bytes]], epoch: Epoch) -> QuorumCheck:
+    """Is `votes` a valid quorum proof for `entry_hash` in `epoch`? Says why each vote did not count.
+
+    A peer listed several times counts once, if any one of its signatures verifies."""
+    peers, epoch_hash = epoch.public_keys, epoch.epoch_hash
     signers: list[str] = []
     rejected: list[str] = []
     for i, (peer_id, signature) in enumerate(votes):
@@ -170,15 +85,17 @@ def check_quorum(
         if peer_id in signers:
             rejected.append(f"{where}: repeated peer; a vote counts once")
         elif peer_id not in peers:
-            rejected.append(f"{where}: unknown peer (known: {', '.join(sorted(peers))})")
-        elif not verify_signature(peers[peer_id], entry_hash, signature):
-            rejected.append(f"{where}: bad signature, it does not verify for entry hash {entry_hash.hex()}")
+            rejected.append(f"{where}: not a peer of epoch {epoch.number} (its peers: {', '.join(sorted(peers))})")
+        elif not verify_vote(peers[peer_id], epoch_hash, entry_hash, signature):
+            rejected.append(
+                f"{where}: bad signature, it does not verify for entry hash {entry_hash.hex()} in epoch {epoch.number}"
+            )
         else:
             signers.append(peer_id)
     problems = list(rejected)
-    if len(signers) < threshold:
-        problems.append(f"{len(signers)} valid votes, threshold {threshold}")
-    return QuorumCheck(len(signers) >= threshold, tuple(signers), tuple(rejected), tuple(problems))
+    if len(signers) < epoch.threshold:
+        problems.append(f"{len(signers)} valid votes, threshold {epoch.threshold} (epoch {epoch.number})")
+    return QuorumCheck(len(signers) >= epoch.threshold, tuple(signers), tuple(rejected), tuple(problems))
 
 
 class VoteStatus(Enum):
@@ -187,87 +104,145 @@ class VoteStatus(Enum):
     REPEATED = "repeated"
     UNKNOWN_PEER = "unknown_peer"
     BAD_SIGNATURE = "bad_signature"
+    WRONG_EPOCH = "wrong_epoch"  # the record names another epoch than the one of its cycle
     EQUIVOCATION = "equivocation"
+    UNLINKED = "unlinked"  # follows neither the committed head nor a held vote: dropped
+    OUT_OF_WINDOW = "out_of_window"  # more than WINDOW cycles ahead: dropped
+
+
+WINDOW = 64  # a vote is kept only while its cycle is at most this far ahead (protocol "Votes and quorum")
 
 
 @dataclass(frozen=True, slots=True)
 class Equivocation:
+    """Two different successors of one entry signed by one peer in one epoch."""
+
     peer_id: str
     shard: int
-    cycle: int
+    prev_entry_hash: bytes
+    epoch: int
     first: Vote
     second: Vote
 
+    @property
+    def cycle(self) -> int:
+        return self.second.entry.cycle
+
 
 @dataclass(slots=True)
-class _Round:
-    """All counted votes for one (shard, cycle)."""
+class _Successors:
+    """The votes for successors of one entry (one shard, one prev_entry_hash, one epoch)."""
 
+    by_peer: dict[str, Vote] = field(default_factory=dict)  # each peer's first valid vote
     by_hash: dict[bytes, dict[str, Vote]] = field(default_factory=dict)
-    first_vote: dict[str, Vote] = field(default_factory=dict)
 
 
 class QuorumCollector:
-    """Collects votes per (shard, cycle) and says when an entry hash reaches the threshold."""
+    """Votes indexed by the entry they follow, so finding the next commit costs O(votes for it).
 
-    def __init__(self, peers: Mapping[str, bytes], threshold: int) -> None:
-        check_threshold(threshold, len(peers))
-        self.peers = dict(peers)
-        self.threshold = threshold
-        self._rounds: dict[tuple[int, int], _Round] = {}
+    A peer's vote counts once per (shard, prev_entry_hash, epoch); a second valid
+    vote of that peer for a different successor is equivocation. Votes that
+    cannot link (to the head or to a held vote) or lie beyond the window are
+    dropped, so memory is bounded whatever others send.
+    """
+
+    def __init__(self, epoch_for: Callable[[int], Epoch]) -> None:
+        self.epoch_for = epoch_for
+        self._succ: dict[tuple[int, bytes, int], _Successors] = {}
+        self._held: dict[int, dict[bytes, Vote]] = {}  # shard -> entry hash -> one vote for it
         self.equivocations: list[Equivocation] = []
 
-    def add(self, vote: Vote) -> VoteStatus:
-        key = vote.peer_id
-        pub = self.peers.get(key)
+    def add(self, vote: Vote, head_hash: bytes, horizon: int | None) -> VoteStatus:
+        """Take a vote. `head_hash` is the shard's committed head (zeros before genesis);
+        `horizon` the larger of the head's cycle and the newest record's cycle read on the shard."""
+        e = vote.entry
+        epoch = self.epoch_for(e.cycle)
+        pub = epoch.public_keys.get(vote.peer_id)
         if pub is None:
             return VoteStatus.UNKNOWN_PEER
+        if vote.epoch != epoch.number:
+            return VoteStatus.WRONG_EPOCH
+        if horizon is not None and e.cycle > horizon + WINDOW:
+            return VoteStatus.OUT_OF_WINDOW
+        held = self._held.setdefault(e.shard, {})
+        if e.prev_entry_hash != head_hash and e.prev_entry_hash not in held:
+            return VoteStatus.UNLINKED
+        key = (e.shard, e.prev_entry_hash, epoch.number)
+        succ = self._succ.get(key)
+        first = succ.by_peer.get(vote.peer_id) if succ is not None else None
         entry_hash = vote.entry_hash
-        round_key = (vote.entry.shard, vote.entry.cycle)
-        rnd = self._rounds.get(round_key)
-        first = rnd.first_vote.get(key) if rnd is not None else None
-        if first is not None and first.entry_hash == entry_hash and first.signature == vote.signature:
+        if first is not None and first.entry_hash == entry_hash:
             return VoteStatus.REPEATED
-        if not verify_signature(pub, entry_hash, vote.signature):
+        if not verify_vote(pub, epoch.epoch_hash, entry_hash, vote.signature):
             return VoteStatus.BAD_SIGNATURE
-        if rnd is None:
-            rnd = self._rounds[round_key] = _Round()
         if first is not None:
-            if first.entry_hash == entry_hash:
-                return VoteStatus.REPEATED  # same entry, another valid signature
-            if not any(e.peer_id == key and e.second.entry_hash == entry_hash for e in self.equivocations):
-                self.equivocations.append(Equivocation(key, vote.entry.shard, vote.entry.cycle, first, vote))
+            if not any(q.peer_id == vote.peer_id and q.second.entry_hash == entry_hash for q in self.equivocations):
+                self.equivocations.append(
+                    Equivocation(vote.peer_id, e.shard, e.prev_entry_hash, epoch.number, first, vote)
+                )
             return VoteStatus.EQUIVOCATION
-        rnd.first_vote[key] = vote
-        voters = rnd.by_hash.setdefault(entry_hash, {})
-        voters[key] = vote
-        return VoteStatus.QUORUM if len(voters) == self.threshold else VoteStatus.COUNTED
+        if succ is None:
+            succ = self._succ[key] = _Successors()
+        succ.by_peer[vote.peer_id] = vote
+        voters = succ.by_hash.setdefault(entry_hash, {})
+        voters[vote.peer_id] = vote
+        held.setdefault(entry_hash, vote)
+        return VoteStatus.QUORUM if len(voters) == epoch.threshold else VoteStatus.COUNTED
 
-    def quorum(self, shard: int, cycle: int) -> tuple[Entry, list[Vote]] | None:
-        """The entry of (shard, cycle) with at least threshold votes, and those votes."""
-        rnd = self._rounds.get((shard, cycle))
-        if rnd is None:
-            return None
-        for voters in rnd.by_hash.values():
-            if len(voters) >= self.threshold:
-                votes = sorted(voters.values(), key=lambda v: v.peer_id)
-                return votes[0].entry, votes
+    def successors(self, shard: int, prev_entry_hash: bytes) -> dict[bytes, dict[str, Vote]]:
+        """Counted votes for successors of `prev_entry_hash`, by entry hash (all epochs)."""
+        out: dict[bytes, dict[str, Vote]] = {}
+        for (s, prev, _), succ in self._succ.items():
+            if s == shard and prev == prev_entry_hash:
+                for h, voters in succ.by_hash.items():
+                    out.setdefault(h, {}).update(voters)
+        return out
+
+    def quorum_after(
+        self, shard: int, prev_entry_hash: bytes, after_cycle: int | None
+    ) -> tuple[Entry, list[Vote]] | None:
+        """A successor of `prev_entry_hash` with a quorum of its epoch, and those votes."""
+        for voters in self.successors(shard, prev_entry_hash).values():
+            some = next(iter(voters.values()))
+            if after_cycle is not None and some.entry.cycle <= after_cycle:
+                continue
+            epoch = self.epoch_for(some.entry.cycle)
+            if len(voters) >= epoch.threshold:
+                return some.entry, sorted(voters.values(), key=lambda v: v.peer_id)
         return None
 
-    def votes(self, shard: int, cycle: int) -> dict[bytes, dict[str, Vote]]:
-        """Counted votes of (shard, cycle) by entry hash (for status and dissent)."""
-        rnd = self._rounds.get((shard, cycle))
-        return {h: dict(v) for h, v in rnd.by_hash.items()} if rnd else {}
+    def stuck_after(self, shard: int, prev_entry_hash: bytes) -> int | None:
+        """The cycle at which no successor of `prev_entry_hash` can still reach its threshold, if so."""
+        succ = self.successors(shard, prev_entry_hash)
+        if not succ:
+            return None
+        cycle = min(next(iter(v.values())).entry.cycle for v in succ.values())
+        epoch = self.epoch_for(cycle)
+        voted = {p for voters in succ.values() for p in voters}
+        missing = len(epoch.peers) - len(voted & set(epoch.public_keys))
+        if all(len(v) + missing < epoch.threshold for v in succ.values()):
+            return cycle
+        return None
 
-    def stuck(self, shard: int, cycle: int) -> bool:
-        """True when no entry hash of this round can still reach the threshold."""
-        rnd = self._rounds.get((shard, cycle))
-        if rnd is None:
-            return False
-        missing = len(self.peers) - len(rnd.first_vote)
-        return all(len(v) + missing < self.threshold for v in rnd.by_hash.values())
-
-    def forget_until(self, shard: int, cycle: int) -> None:
-        """Drop rounds of `shard` up to and including `cycle` (committed history)."""
-        for key in [k for k in self._rounds if k[0] == shard and k[1] <= cycle]:
-            del self._rounds[key]
+    def prune(self, shard: int, head_cycle: int, head_hash: bytes) -> None:
+        """Keep only votes after the head that link to it through held votes."""
+        reachable = {head_hash}
+        frontier = [head_hash]
+        by_prev: dict[bytes, list[tuple[int, bytes, int]]] = {}
+        for key in self._succ:
+            if key[0] == shard:
+                by_prev.setdefault(key[1], []).append(key)
+        keep: set[tuple[int, bytes, int]] = set()
+        while frontier:
+            h = frontier.pop()
+            for key in by_prev.get(h, ()):
+                keep.add(key)
+                for entry_hash, voters in self._succ[key].by_hash.items():
+                    if entry_hash not in reachable and next(iter(voters.values())).entry.cycle > head_cycle:
+                        reachable.add(entry_hash)
+                        frontier.append(entry_hash)
+        for key in [k for k in self._succ if k[0] == shard and k not in keep]:
+            del self._succ[key]
+        held = self._held.get(shard, {})
+        for h in [h for h in held if h not in reachable]:
+            del held[h]

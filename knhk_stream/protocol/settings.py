@@ -4,24 +4,47 @@ from __future__ import annotations
 
 import json
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from knhk_stream.errors import SettingsError
+from knhk_stream.errors import EpochError, SettingsError
+from knhk_stream.protocol.epochs import Epoch, EpochChain, Peer, build_chain, genesis_epoch
 from knhk_stream.protocol.hooks import CANONICAL, Hook, load_hook
-from knhk_stream.protocol.quorum import check_threshold, default_threshold, parse_public_key
+from knhk_stream.protocol.keys import parse_public_key
+from knhk_stream.protocol.quorum import check_threshold, default_threshold
+from knhk_stream.protocol.receipts import DeltaProcessor
+
+__all__ = ["ChainSettings", "Epoch", "Peer", "SettingsError"]
 
 
-@dataclass(frozen=True)
-class Peer:
-    id: str
-    public_key: bytes
+class EpochProcessor:
+    """Receipts by the hook and max_triples of the epoch of each receipt's cycle."""
+
+    def __init__(self, settings: ChainSettings) -> None:
+        self._chain = settings.epoch_chain
+        self._by_number: dict[int, DeltaProcessor] = {}
+        self._settings = settings
+
+    def for_epoch(self, epoch: Epoch) -> DeltaProcessor:
+        p = self._by_number.get(epoch.number)
+        if p is None:
+            p = self._by_number[epoch.number] = DeltaProcessor(self._settings.load_hook(epoch), epoch.max_triples)
+        return p
+
+    def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes:
+        return self.for_epoch(self._chain.for_cycle(cycle)).receipt(shard, cycle, tick, offset, value)
 
 
 @dataclass(frozen=True)
 class ChainSettings:
+    """The chain settings: the fixed chain_id and tick_ms, epoch 0's fields, and the epochs after it.
+
+    `peers`, `threshold`, `max_triples` and `hook` are epoch 0's. Use
+    `epoch_for(cycle)` for what applies to a given beat."""
+
     peers: tuple[Peer, ...]
     threshold: int
     chain_id: str = "knhk"
@@ -30,16 +53,48 @@ class ChainSettings:
     hook: str = CANONICAL
     hook_entrypoint: str | None = None
     start_offsets: Mapping[int, int] = field(default_factory=dict)
+    epochs: tuple[Epoch, ...] = ()  # statements after epoch 0, as listed; accepted only through epoch_chain
 
     @property
     def public_keys(self) -> dict[str, bytes]:
+        """Epoch 0's keys (see epoch_for for later epochs)."""
         return {p.id: p.public_key for p in self.peers}
+
+    @cached_property
+    def genesis(self) -> Epoch:
+        """Epoch 0: its hash identifies the chain."""
+        return genesis_epoch(self.chain_id, self.tick_ms, self.threshold, self.hook, self.max_triples, self.peers)
+
+    @cached_property
+    def epoch_chain(self) -> EpochChain:
+        """The epochs accepted from epoch 0 (the refused ones and any fork are reported in it)."""
+        return build_chain(self.genesis, self.epochs)
+
+    def epoch_for(self, cycle: int) -> Epoch:
+        return self.epoch_chain.for_cycle(cycle)
+
+    def with_epochs(self, more: Iterable[Epoch]) -> ChainSettings:
+        """These settings with more epoch statements (e.g. read from Redis); duplicates are dropped."""
+        have = {e.epoch_hash for e in self.epochs}
+        extra = tuple(e for e in more if e.epoch_hash not in have and e.number > 0)
+        return replace(self, epochs=self.epochs + extra) if extra else self
+
+    def processor(self) -> DeltaProcessor | EpochProcessor:
+        """What turns a delta into its receipt: one processor, or one per epoch when there are several."""
+        if len(self.epoch_chain.epochs) == 1:
+            return DeltaProcessor(self.load_hook(), self.max_triples)
+        return EpochProcessor(self)
 
     def start_offset(self, shard: int) -> int:
         return self.start_offsets.get(shard, 0)
 
-    def load_hook(self) -> Hook:
-        return load_hook(self.hook, self.hook_entrypoint)
+    def load_hook(self, epoch: Epoch | None = None) -> Hook:
+        """The hook of `epoch` (default epoch 0); an epoch without its own entrypoint uses epoch 0's
+        when it names the same hook."""
+        if epoch is None or epoch.number == 0:
+            return load_hook(self.hook, self.hook_entrypoint)
+        entrypoint = epoch.hook_entrypoint or (self.hook_entrypoint if epoch.hook == self.hook else None)
+        return load_hook(epoch.hook, entrypoint)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ChainSettings:
@@ -67,6 +122,7 @@ class ChainSettings:
             "threshold",
             "peers",
             "start_offset",
+            "epochs",
         }
         for k in data:
             if k not in known:
@@ -76,14 +132,14 @@ class ChainSettings:
         if not isinstance(chain_id, str) or not 1 <= len(chain_id.encode("utf-8")) <= 64:
             raise fail("chain_id", "must be a string of 1 to 64 UTF-8 bytes")
 
-        def positive(name: str, default: int) -> int:
+        def positive(name: str, default: int, top: int) -> int:
             v = data.get(name, default)
-            if type(v) is not int or v < 1:
-                raise fail(name, f"must be a positive integer, got {v!r}")
+            if type(v) is not int or not 1 <= v <= top:
+                raise fail(name, f"must be an integer from 1 to {top}, got {v!r}")
             return v
 
-        tick_ms = positive("tick_ms", 125)
-        max_triples = positive("max_triples", 1024)
+        tick_ms = positive("tick_ms", 125, 65535)
+        max_triples = positive("max_triples", 1024, 2**32 - 1)
 
         raw_peers = data.get("peers")
         if not isinstance(raw_peers, list) or not raw_peers:
@@ -93,6 +149,9 @@ class ChainSettings:
             where = f"peers[{i}]"
             if not isinstance(p, dict):
                 raise fail(where, "must be a table with id and public_key")
+            for k in p:
+                if k not in ("id", "public_key"):
+                    raise fail(f"{where}.{k}", "unknown key; a [[peers]] table has id and public_key")
             pid = p.get("id")
             if not isinstance(pid, str) or not 1 <= len(pid.encode("utf-8")) <= 64:
                 raise fail(f"{where}.id", "must be a string of 1 to 64 UTF-8 bytes")
@@ -134,7 +193,29 @@ class ChainSettings:
                 raise fail(f"start_offset.{k}", "shard must be a number and offset a non-negative integer")
             starts[int(k)] = v
 
-        return cls(tuple(peers), threshold, chain_id, tick_ms, max_triples, hook, entrypoint, starts)
+        raw_epochs = data.get("epochs", [])
+        if not isinstance(raw_epochs, list):
+            raise fail("epochs", "must be [[epochs]] tables, one per epoch after 0")
+        epochs = []
+        for i, raw in enumerate(raw_epochs):
+            try:
+                e = Epoch.from_json(raw, chain_id, tick_ms)
+            except EpochError as err:
+                raise fail(f"epochs[{i}]", str(err)) from None
+            if e.chain_id != chain_id or e.tick_ms != tick_ms:
+                raise fail(f"epochs[{i}]", "chain_id and tick_ms never change between epochs")
+            if e.hook_entrypoint is not None:
+                try:
+                    load_hook(e.hook, e.hook_entrypoint)
+                except ValueError as err:
+                    raise fail(f"epochs[{i}].hook_entrypoint", str(err)) from None
+            epochs.append(e)
+        settings = cls(tuple(peers), threshold, chain_id, tick_ms, max_triples, hook, entrypoint, starts, tuple(epochs))
+        for e, why in settings.epoch_chain.refused:
+            raise fail(f"epochs (epoch {e.number})", f"not accepted from epoch 0: {'; '.join(why)}")
+        for f in settings.epoch_chain.forks:
+            raise fail("epochs", f"two different valid statements for epoch {f.number}: the epochs are forked")
+        return settings
 
     def to_toml(self) -> str:
         """The settings as TOML (what `knhk-stream` writes for demos)."""
@@ -156,4 +237,19 @@ class ChainSettings:
             lines += [f"{s} = {o}" for s, o in sorted(self.start_offsets.items())]
         for p in self.peers:
             lines += ["", "[[peers]]", f"id = {q(p.id)}", f'public_key = "{p.public_key.hex()}"']
+        for e in self.epochs:
+            j = e.to_json()
+            lines += ["", "[[epochs]]"]
+            lines += [f"{k} = {q(v) if isinstance(v, str) else v}" for k, v in j.items() if not isinstance(v, list)]
+            if e.hook_entrypoint:
+                lines.append(f"hook_entrypoint = {q(e.hook_entrypoint)}")
+            lines.append(
+                "peers = ["
+                + ", ".join(f"{{id = {q(p['id'])}, public_key = {q(p['public_key'])}}}" for p in j["peers"])
+                + "]"
+            )
+            sigs = ", ".join(
+                f"{{peer_id = {q(x['peer_id'])}, signature = {q(x['signature'])}}}" for x in j["signatures"]
+            )
+            lines.append(f"signatures = [{sigs}]")
         return "\n".join(lines) + "\n"

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
+from functools import wraps
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
@@ -18,7 +20,10 @@ from knhk_stream.errors import WireError
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.decode import AVRO_MAGIC
 from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.epochs import U32_MAX
 from knhk_stream.protocol.quorum import Vote
+
+T = TypeVar("T")
 
 
 class _Codec:
@@ -69,6 +74,12 @@ def _entry(rec: dict[str, Any]) -> Entry:
         raise WireError(f"entry fields missing: {e}") from None
     if min(e.shard, e.cycle, e.receipt_count, e.first_offset, e.last_offset) < 0:
         raise WireError("negative number in entry fields")
+    if e.shard > U32_MAX:
+        raise WireError(f"shard {e.shard} is out of range (u32)")
+    if not 1 <= len(e.chain_id.encode("utf-8", "surrogatepass")) <= 64:
+        raise WireError(f"chain_id of {len(e.chain_id)} characters is out of range (1..64 bytes)")
+    if not 0 <= rec.get("epoch", 0) <= U32_MAX:
+        raise WireError(f"epoch {rec.get('epoch')} is out of range (u32)")
     if e.entry_hash != rec["entry_hash"]:
         raise WireError(f"entry_hash {rec['entry_hash'].hex()} does not match the fields ({e.entry_hash.hex()})")
     return e
@@ -88,10 +99,26 @@ def _entry_fields(e: Entry) -> dict[str, Any]:
     }
 
 
+def _guarded(fn: Callable[[bytes | None], T]) -> Callable[[bytes | None], T]:
+    """Decoding never raises anything but WireError."""
+
+    @wraps(fn)
+    def run(value: bytes | None) -> T:
+        try:
+            return fn(value)
+        except WireError:
+            raise
+        except Exception as e:  # hostile bytes are a finding, never a crash (struct, unicode, ...)
+            raise WireError(f"undecodable record: {type(e).__name__}: {str(e)[:200]}") from None
+
+    return run
+
+
 def encode_vote(vote: Vote) -> bytes:
     return VOTE.encode(
         {
             **_entry_fields(vote.entry),
+            "epoch": vote.epoch,
             "peer_id": vote.peer_id,
             "signature": vote.signature,
             "voted_at_ms": vote.voted_at_ms,
@@ -99,9 +126,13 @@ def encode_vote(vote: Vote) -> bytes:
     )
 
 
+@_guarded
 def decode_vote(value: bytes | None) -> Vote:
+    """A vote record; WireError for anything that does not decode or is out of range."""
     rec = VOTE.decode(value)
-    return Vote(_entry(rec), rec["peer_id"], rec["signature"], rec["voted_at_ms"])
+    if not 1 <= len(rec["peer_id"].encode("utf-8", "surrogatepass")) <= 64:
+        raise WireError("peer_id is out of range (1..64 bytes)")
+    return Vote(_entry(rec), rec["peer_id"], rec["signature"], rec["voted_at_ms"], rec["epoch"])
 
 
 def encode_root(ce: CommittedEntry) -> bytes:
@@ -109,6 +140,7 @@ def encode_root(ce: CommittedEntry) -> bytes:
         {
             **_entry_fields(ce.entry),
             "entry_hash": ce.entry_hash,
+            "epoch": ce.epoch,
             "votes": [{"peer_id": p, "signature": s} for p, s in sorted(ce.votes)],
             "committed_by": ce.committed_by,
             "committed_at_ms": ce.committed_at_ms,
@@ -116,8 +148,10 @@ def encode_root(ce: CommittedEntry) -> bytes:
     )
 
 
+@_guarded
 def decode_root(value: bytes | None) -> CommittedEntry:
+    """A committed-root record; WireError for anything that does not decode or is out of range."""
     rec = ROOT.decode(value)
     e = _entry(rec)
     votes = tuple((v["peer_id"], v["signature"]) for v in rec["votes"])
-    return CommittedEntry(e, rec["entry_hash"], votes, rec["committed_by"], rec["committed_at_ms"])
+    return CommittedEntry(e, rec["entry_hash"], votes, rec["committed_by"], rec["committed_at_ms"], rec["epoch"])

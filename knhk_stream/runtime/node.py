@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import redis
@@ -38,6 +39,7 @@ from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_vote, encode_root, encode_vote
 from knhk_stream.runtime.telemetry import Telemetry
+from knhk_stream.store.epochs import load_epochs
 from knhk_stream.store.lockchain import (
     Checkpoint,
     ForkError,
@@ -65,6 +67,7 @@ __all__ = [
 
 log = logging.getLogger("knhk_stream.runtime.node")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
 MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard waiting for the published mark to reach them
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
 
@@ -124,7 +127,7 @@ class PeerNode:
         self,
         settings: ChainSettings,
         peer_id: str,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
         store: LockchainStore,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -133,7 +136,7 @@ class PeerNode:
         self.settings = settings
         self.peer_id = peer_id
         self.engine = PeerEngine(settings, peer_id, key)
-        self.consensus = Consensus(settings.public_keys, settings.threshold)
+        self.consensus = Consensus(lambda cycle: self.settings.epoch_for(cycle))
         self.store = store
         self.telemetry = telemetry or Telemetry(None)
         self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0}
@@ -148,13 +151,16 @@ class PeerNode:
         self._marks_tried = 0.0
         self._redis_down_since: float | None = None
         self._stalled: dict[int, int] = {}
+        self._revotes: list[Vote] = []  # re-signed after a dissent, to produce with the next votes
+        self._epochs_checked = 0.0
+        self._epoch_findings: set[str] = set()
 
     @classmethod
     def connect(
         cls,
         settings: ChainSettings,
         peer_id: str,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
         redis_url: str = "redis://127.0.0.1:6379/0",
         prefix: str = "knhk",
         telemetry: Telemetry | None = None,
@@ -216,7 +222,12 @@ class PeerNode:
         """Own checkpoint, else right after the committed head, else the chain's start offset."""
         cp = load_checkpoint(self.store, self.peer_id, shard)
         if cp is not None:
-            return ResumePoint(cp.next_offset, cp.entry_hash, cp.cycle), cp.votes_offset
+            prev = cp.entry_hash
+            if cp.cycle is not None:
+                ce = self.store.get(shard, cp.cycle)  # committed: chain from it, not from an own dissenting vote
+                if ce is not None and ce.entry.last_offset + 1 == cp.next_offset:
+                    prev = ce.entry_hash
+            return ResumePoint(cp.next_offset, prev, cp.cycle), cp.votes_offset
         head = self.store.head(shard)
         if head is not None:
             ce = self.store.get(shard, head.cycle)
@@ -245,7 +256,7 @@ class PeerNode:
         feed = self.engine.feed
         held = set(self.engine.shards)
         rejected: dict[str, int] = {}
-        votes: list[Vote] = []
+        votes, self._revotes = self._revotes, []
         n = 0
         for r in records:
             shard = r.partition
@@ -257,6 +268,7 @@ class PeerNode:
                 n += 1
             if vote is not None:
                 votes.append(vote)
+                self.consensus.read_up_to(shard, vote.entry.cycle)
                 beat = self.engine.last_beat(shard)
                 if self.telemetry.enabled and beat is not None:
                     for code, k in rejections_by_code(beat.receipts).items():
@@ -360,6 +372,9 @@ class PeerNode:
         `assign`.
         """
         out, self._to_publish = self._to_publish, []
+        if time.monotonic() - self._epochs_checked > EPOCH_POLL_S:
+            self._epochs_checked = time.monotonic()
+            self.refresh_epochs()
         if self._checkpoint_due and not self.flush_checkpoints():
             return out
         if self._acked and time.monotonic() - self._marks_tried > 1:
@@ -411,12 +426,23 @@ class PeerNode:
         e = ce.entry
         self.stats["appended"] += 1
         latency = ce.committed_at_ms - self.engine.beat_end_ms(e.cycle)
-        self.telemetry.beat_committed(e, len(ce.votes), self.settings.threshold, latency)
+        self.telemetry.beat_committed(e, len(ce.votes), self.settings.epoch_for(e.cycle).threshold, latency)
         if self.on_commit:
             self.on_commit(ce, latency)
 
     def _advance(self, shard: int, cycle: int, entry_hash: bytes) -> None:
         self.consensus.set_head(shard, cycle, entry_hash)
+        revotes = self.engine.on_committed(shard, cycle, entry_hash)
+        if revotes:
+            log.warning(
+                "shard %d: cycle %d was committed as %s, not as this peer voted: re-signing %d later vote(s) "
+                "on the committed entry",
+                shard,
+                cycle,
+                entry_hash.hex()[:16],
+                len(revotes),
+            )
+            self._revotes += revotes
         per = self._vote_offsets.get(shard)
         if per:
             for c in [c for c in per if c <= cycle]:
@@ -472,12 +498,54 @@ class PeerNode:
             log.warning("shard %d commits again", shard)
             return
         self._stalled[shard] = stalled
-        votes = self.consensus.collector.votes(shard, stalled)
+        votes = self.consensus.successors(shard)
         split = ", ".join(f"{h.hex()[:12]}: {sorted(v)}" for h, v in votes.items())
-        reason = f"no entry of cycle {stalled} can reach threshold {self.settings.threshold} ({split})"
+        threshold = self.settings.epoch_for(stalled).threshold
+        reason = f"no entry of cycle {stalled} can reach threshold {threshold} ({split})"
         log.error("SHARD %d STALLED: %s. Nothing more is committed on it until peers agree.", shard, reason)
         self._redis(set_stall, self.store, shard, stalled, reason, now_ms())
         self.telemetry.stalled(shard)
+
+    # -- epochs -----------------------------------------------------------------------------
+
+    def refresh_epochs(self) -> bool:
+        """Adopt epochs applied in Redis since start, each verified from epoch 0; True when one was adopted."""
+        found = self._redis(load_epochs, self.store)
+        if not isinstance(found, tuple):
+            return False  # Redis is down: tried again later
+        statements, findings = found
+        for f in findings:
+            if f not in self._epoch_findings:
+                self._epoch_findings.add(f)
+                log.error("%s; ignored", f)
+        newer = self.settings.with_epochs(statements)
+        if newer is self.settings:
+            return False
+        chain = newer.epoch_chain
+        for e, why in chain.refused:
+            msg = f"epoch {e.number} in Redis is not accepted from epoch 0: {'; '.join(why)}"
+            if msg not in self._epoch_findings:
+                self._epoch_findings.add(msg)
+                log.error("%s; ignored", msg)
+        for fork in chain.forks:
+            log.critical("EPOCH FORK: two valid statements for epoch %d (signed by both: %s)", fork.number, fork.peers)
+        accepted = [e for e in newer.epochs if e in chain.epochs]
+        if len(chain.epochs) == len(self.settings.epoch_chain.epochs):
+            return False
+        candidate = replace(self.settings, epochs=tuple(accepted))
+        try:
+            self.engine.update_settings(candidate)
+        except ValueError as e:
+            msg = str(e)
+            if msg not in self._epoch_findings:
+                self._epoch_findings.add(msg)
+                log.error("%s", msg)
+            return False
+        self.settings = candidate
+        newest = candidate.epoch_chain.newest
+        log.warning("adopted epoch %d (from cycle %d, %d peers, threshold %d)",
+                    newest.number, newest.from_cycle, len(newest.peers), newest.threshold)
+        return True
 
     # -- tick markers -----------------------------------------------------------------------
 

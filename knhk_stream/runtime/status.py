@@ -43,7 +43,7 @@ def kafka_positions(
     common = {"bootstrap.servers": bootstrap, **(kafka_config or {})}
     n = topics.deltas.partitions
     committed: dict[tuple[str, int], int] = {}
-    for peer in settings.peers:
+    for peer in settings.epoch_chain.newest.peers:
         c = Consumer({**common, "group.id": f"knhk.{settings.chain_id}.{peer.id}", "enable.auto.commit": False})
         try:
             tps = c.committed([TopicPartition(topics.deltas.name, p) for p in range(n)], timeout=10)
@@ -93,7 +93,7 @@ def shard_status(
     st.stalled = get_stall(store, shard)
     st.equivocations = get_evidence(store, shard)
     st.high_watermark = (watermarks or {}).get(shard)
-    for peer in settings.peers:
+    for peer in settings.epoch_chain.newest.peers:
         pp = PeerProgress(peer.id)
         cp = load_checkpoint(store, peer.id, shard)
         if cp is not None and cp.cycle is not None:

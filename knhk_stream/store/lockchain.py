@@ -279,7 +279,7 @@ def check_entry(
             f"{prev_hash.hex()}: an entry is missing (a hole) or was changed",
         )
     if quorum is None:
-        quorum = check_quorum(ce.entry_hash, ce.votes, settings.public_keys, settings.threshold)
+        quorum = check_quorum(ce.entry_hash, ce.votes, settings.epoch_for(e.cycle))
     recomputed = e.entry_hash
     if recomputed != ce.entry_hash:
         if quorum.valid:
@@ -294,8 +294,12 @@ def check_entry(
             bad("entry_hash", f"stored {ce.entry_hash.hex()} but the fields hash to {recomputed.hex()}")
     if not quorum.valid:
         bad("votes", "no valid quorum proof: " + "; ".join(quorum.problems))
-    if ce.committed_by not in settings.public_keys:
-        bad("committed_by", f"{ce.committed_by!r} is not a peer of the chain settings")
+    epoch = settings.epoch_for(e.cycle)
+    if ce.epoch != epoch.number:
+        bad("epoch", f"is {ce.epoch}, but cycle {e.cycle} is in epoch {epoch.number}")
+    forked = settings.epoch_chain.problem_for_cycle(e.cycle)
+    if forked:
+        bad("epoch", forked)
     if ce.committed_at_ms < 0:
         bad("committed_at_ms", "is negative")
     if not 1 <= e.receipt_count <= e.last_offset - e.first_offset + 1:
@@ -334,7 +338,7 @@ def _with_quorum_checks(
             ce = CommittedEntry.from_mapping(raw)
         except (ValueError, KeyError, TypeError):
             return None  # check_entry reports what does not parse
-        return check_quorum(ce.entry_hash, ce.votes, settings.public_keys, settings.threshold)
+        return check_quorum(ce.entry_hash, ce.votes, settings.epoch_for(ce.entry.cycle))
 
     chunk: list[tuple[int, dict[str, str]]] = []
     for row in rows:

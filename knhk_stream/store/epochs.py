@@ -1,0 +1,47 @@
+"""Epoch statements in Redis: `{prefix}:epochs:{{chain_id}}`, a hash from epoch number to JSON.
+
+Redis is not trusted: every statement read back is verified from epoch 0 by
+the caller (`ChainSettings.with_epochs(...).epoch_chain`). A stored epoch is
+never overwritten (HSETNX).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from knhk_stream.errors import EpochError
+from knhk_stream.protocol.epochs import Epoch
+
+if TYPE_CHECKING:
+    from knhk_stream.store.lockchain import LockchainStore
+
+
+def epochs_key(prefix: str, chain_id: str) -> str:
+    return f"{prefix}:epochs:{{{chain_id}}}"
+
+
+def store_epoch(store: LockchainStore, epoch: Epoch) -> bool:
+    """Store a statement where its number is free; False when that number already holds one."""
+    data = json.dumps(epoch.to_json(), separators=(",", ":"), ensure_ascii=False)
+    return bool(store.client.hsetnx(epochs_key(store.prefix, store.chain_id), str(epoch.number), data))
+
+
+def load_epochs(store: LockchainStore) -> tuple[list[Epoch], list[str]]:
+    """Every parseable statement in Redis (unverified), and a finding for each one that is not."""
+    raw = store.client.hgetall(epochs_key(store.prefix, store.chain_id))
+    epochs: list[Epoch] = []
+    findings: list[str] = []
+    for field, value in sorted(raw.items()):
+        name = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+        try:
+            text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
+            e = Epoch.from_json(json.loads(text), store.chain_id)
+        except (UnicodeDecodeError, ValueError, EpochError) as err:
+            findings.append(f"Redis epoch {name!r}: {err}")
+            continue
+        if str(e.number) != name:
+            findings.append(f"Redis epoch {name!r} holds a statement numbered {e.number}")
+            continue
+        epochs.append(e)
+    return epochs, findings
