@@ -28,14 +28,18 @@ from knhk_stream.protocol.settings import ChainSettings
 
 @click.command()
 @settings_option
-@click.option("--peer-id", envvar="KNHK_PEER_ID", required=True, help="This peer's id in the chain settings.")
+@click.option(
+    "--peer-id", envvar="KNHK_PEER_ID", required=True, help="This peer's id in the chain settings (env KNHK_PEER_ID)."
+)
 @click.option(
     "--key",
     "key_path",
     envvar="KNHK_KEY",
     required=True,
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False),
-    help="This peer's private key file (from `keys generate`).",
+    help="This peer's private key file (from `keys generate`; env KNHK_KEY). Repeat it to hold the old and "
+    "the new key across a key rotation.",
 )
 @bootstrap_option
 @redis_option
@@ -85,7 +89,7 @@ def worker(
     setup_logging(log_level)
     settings = ChainSettings.from_toml(settings_path)
     try:
-        key = load_private_key(key_path)
+        key = [load_private_key(k) for k in key_path]
     except ValueError as e:
         raise click.ClickException(f"--key: {e}") from None
     opts = WorkerOptions(

@@ -447,7 +447,7 @@ def add_peer(
     app: faust.App,
     settings: ChainSettings,
     peer_id: str,
-    key: Ed25519PrivateKey,
+    key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
     *,
     redis_url: str = "redis://127.0.0.1:6379/0",
     prefix: str = "knhk",

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +67,7 @@ class Worker:
         self,
         settings: ChainSettings,
         peer_id: str,
-        key: Ed25519PrivateKey,
+        key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
         options: WorkerOptions,
         telemetry: Telemetry | None = None,
     ) -> None:
