@@ -1,0 +1,22 @@
+"""The cases, one module each, in the order they run (bare consume first: the others refer to it).
+
+Each module has `run(env, rep, args)` and `NEEDS`: "kafka" (the embedded broker and Redis), "redis",
+or None (in-process only).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from bench.cases import audit, bare, core, four, memory, one, redis, scale
+
+CASES: dict[str, ModuleType] = {
+    "bare": bare,
+    "core": core,
+    "one": one,
+    "four": four,  # with bench.cases.latency: the latency breakdown and the tick search
+    "scale": scale,
+    "memory": memory,
+    "redis": redis,
+    "audit": audit,
+}

@@ -1,0 +1,132 @@
+"""2. Core alone: decode + hook + receipt + Merkle without Kafka or Redis (100 B JSON, the same as
+Avro, 1 KB JSON); Merkle root; vote signing and verification; proof-bundle verification.
+Baseline: the same code at --baseline-ref (the core before the issue-6 optimizations)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.baseline import Pkg, extract_ref
+from bench.cluster import Env
+from bench.harness import Report, Result, log, timed_rate
+from bench.load import avro_values, committed, four_peer_keys, json_values, kb_values
+
+NEEDS = None
+
+
+def core_feed(pkg: Any, values: Sequence[bytes]) -> None:
+    asm = pkg.beats.BeatAssembler(0, 125, pkg.receipts.DeltaProcessor(pkg.hooks.load_hook("canonical@1")))
+    ts = 1_700_000_000_000
+    feed = asm.feed
+    for i, v in enumerate(values):
+        b = feed(i, ts + i // 10, False, v)  # 10 deltas per ms: 10,000 per beat
+        if b is not None:
+            b.root()
+
+
+def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
+    n = args.deltas
+    log(f"2. core alone: {n:,} deltas per run through decode, hook, receipt, beat and Merkle")
+    after = Pkg("knhk_stream")
+    before: Pkg | None = None
+    tmp = Path(tempfile.mkdtemp(prefix="knhk-bench-ref-"))
+    try:
+        if args.baseline_ref and extract_ref(args.baseline_ref, tmp):
+            sys.path.insert(0, str(tmp))
+            before = Pkg("knhk_base")
+        bname = f"same, core at {args.baseline_ref} (before)" if before else None
+        kinds = (
+            ("100 B JSON", json_values(n)),
+            ("100 B JSON as Avro", avro_values(n)),
+            ("1 KB JSON", kb_values(n)),
+        )
+        for label, values in kinds:
+            size = sum(map(len, values)) / len(values)
+            runs, bruns = [], []
+            for _ in range(args.runs):
+                runs.append(timed_rate(lambda v=values: core_feed(after, v), n))
+                if before:
+                    bruns.append(timed_rate(lambda v=values: core_feed(before, v), n))
+            rep.add(
+                Result(
+                    "2. Core alone",
+                    f"{label} (avg {size:.0f} B): decode+hook+receipt+Merkle",
+                    "deltas/s",
+                    runs,
+                    bname,
+                    bruns,
+                    chart="throughput",
+                    label=f"core {label}".replace(" as Avro", " Avro"),
+                    extra={"avg_bytes": size},
+                )
+            )
+        leaves = [i.to_bytes(123, "big") for i in range(n)]
+        runs = [timed_rate(lambda: after.merkle.root(leaves), n) for _ in range(args.runs)]
+        bruns = [timed_rate(lambda: before.merkle.root(leaves), n) for _ in range(args.runs)] if before else []
+        rep.add(Result("2. Core alone", f"Merkle root of {n:,} receipts", "leaves/s", runs, bname, bruns))
+        key = after.quorum.generate_key()
+        pub = after.quorum.public_key_bytes(key)
+        h = bytes(32)
+        sig = after.quorum.sign(key, h)
+        k = 5000
+        for label, fn_after, fn_before in (
+            (
+                "vote signing (Ed25519)",
+                lambda: [after.quorum.sign(key, h) for _ in range(k)],
+                before and (lambda: [before.quorum.sign(key, h) for _ in range(k)]),
+            ),
+            (
+                "vote verification (Ed25519)",
+                lambda: [after.quorum.verify_signature(pub, h, sig) for _ in range(k)],
+                before and (lambda: [before.quorum.verify_signature(pub, h, sig) for _ in range(k)]),
+            ),
+        ):
+            runs = [timed_rate(fn_after, k) for _ in range(args.runs)]
+            bruns = [timed_rate(fn_before, k) for _ in range(args.runs)] if fn_before else []
+            rep.add(
+                Result("2. Core alone", label, "votes/s", runs, bname, bruns, note="unchanged code: shows the noise")
+            )
+        bundle_case(rep, args)
+    finally:
+        if before:
+            sys.path.remove(str(tmp))
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bundle_case(rep: Report, args: argparse.Namespace) -> None:
+    from knhk_stream.protocol import proof
+    from knhk_stream.protocol.entry import Entry
+    from knhk_stream.protocol.hooks import load_hook
+    from knhk_stream.protocol.merkle import root
+    from knhk_stream.protocol.receipts import DeltaProcessor
+
+    keys, settings = four_peer_keys()
+    values = json_values(1000)
+    proc = DeltaProcessor(load_hook("canonical@1"))
+    receipts = [proc.receipt(0, 7, 0, i, v) for i, v in enumerate(values)]
+    entry = Entry("knhk", 0, 7, root(receipts), len(receipts), 0, len(receipts) - 1, bytes(32))
+    ce = committed(entry, keys, 0)
+    bundle = proof.make_bundle(ce, receipts, 123, values[123])
+    check = proof.verify_bundle(bundle, settings)
+    if not check.ok:
+        rep.notes.append(
+            f"2. Core alone: bundle verification skipped: the bench's bundle does not verify ({check.message})"
+        )
+        return
+    k = 500
+    runs = [timed_rate(lambda: [proof.verify_bundle(bundle, settings) for _ in range(k)], k) for _ in range(args.runs)]
+    rep.add(
+        Result(
+            "2. Core alone",
+            "proof bundle verification (1,000-receipt beat, 3 of 4 signatures)",
+            "bundles/s",
+            runs,
+            note="new in this tree: no before; bounded by the 3 Ed25519 verifications",
+        )
+    )

@@ -1,0 +1,157 @@
+"""Timing, repetition and results: a Result is a measured value over several runs beside its baseline
+measured in the same run (the ratio is median / baseline median); Report collects them.
+Also RSS sampling and the log line format."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@dataclass
+class Result:
+    """One row: a measured value over several runs, beside its baseline from the same run."""
+
+    case: str  # e.g. "3. One peer"
+    name: str
+    unit: str
+    runs: list[float]
+    baseline_name: str | None = None
+    baseline_runs: list[float] = field(default_factory=list)
+    higher_is_better: bool = True
+    chart: str | None = None  # "throughput" | "latency" | None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    label: str = ""  # short name for the chart
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.runs) if self.runs else None
+
+    @property
+    def baseline_median(self) -> float | None:
+        return statistics.median(self.baseline_runs) if self.baseline_runs else None
+
+    @property
+    def ratio(self) -> float | None:
+        m, b = self.median, self.baseline_median
+        if m is None or not b:
+            return None
+        return m / b
+
+    def to_json(self) -> dict[str, Any]:
+        def spread(xs: list[float]) -> dict[str, float] | None:
+            if not xs:
+                return None
+            med = statistics.median(xs)
+            return {"min": min(xs), "max": max(xs), "rel": (max(xs) - min(xs)) / med if med else 0.0}
+
+        return {
+            "case": self.case,
+            "name": self.name,
+            "unit": self.unit,
+            "runs": self.runs,
+            "median": self.median,
+            "spread": spread(self.runs),
+            "baseline": (
+                {
+                    "name": self.baseline_name,
+                    "runs": self.baseline_runs,
+                    "median": self.baseline_median,
+                    "spread": spread(self.baseline_runs),
+                }
+                if self.baseline_name
+                else None
+            ),
+            "ratio": self.ratio,
+            "higher_is_better": self.higher_is_better,
+            "note": self.note,
+            "extra": self.extra,
+        }
+
+
+class Report:
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.notes: list[str] = []
+        self.targets: list[dict[str, Any]] = []
+        self.errors: list[str] = []
+
+    def add(self, r: Result) -> Result:
+        self.results.append(r)
+        med = r.median
+        base = f", baseline {fmt(r.baseline_median, r.unit)}" if r.baseline_name else ""
+        ratio = f", ratio {r.ratio:.2f}" if r.ratio is not None else ""
+        log(
+            f"  {r.case} | {r.name}: {fmt(med, r.unit)} {r.unit} "
+            f"(runs {', '.join(fmt(x, r.unit) for x in r.runs)}){base}{ratio}"
+        )
+        return r
+
+    def find(self, case: str, name_start: str) -> Result | None:
+        for r in self.results:
+            if r.case == case and r.name.startswith(name_start):
+                return r
+        return None
+
+
+def fmt(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if unit in ("ms",):
+        return f"{v:,.1f}"
+    if unit in ("s",):
+        return f"{v:,.2f}"
+    if unit in ("MB",):
+        return f"{v:,.1f}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:,.2f}"
+
+
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))
+    return float(s[k])
+
+
+def timed_rate(fn: Callable[[], Any], n: int) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t0)
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).memory_info().rss / 2**20
+    except ImportError:
+        pass
+    except Exception:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def per_call_us(fn: Callable[[], object], n: int) -> float:
+    """Mean time of one call over n calls, in microseconds."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
