@@ -30,7 +30,7 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 bench: $(DEV_STAMP)
-	$(PY) bench/run.py
+	$(PY) -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
