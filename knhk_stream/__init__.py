@@ -16,7 +16,7 @@ from knhk_stream import _moved
 from knhk_stream.errors import KnhkError, MissingExtra
 from knhk_stream.protocol import PROTOCOL
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> (module, extra it needs or None)
 _API: dict[str, tuple[str, str | None]] = {
