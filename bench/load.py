@@ -145,13 +145,16 @@ def four_peer_keys() -> tuple[dict[str, Any], ChainSettings]:
     return keys, settings
 
 
-def committed(entry: Entry, keys: dict[str, Any], at_ms: int) -> CommittedEntry:
-    """The entry as committed by peer-a with the votes of the first three peers (a quorum of 3)."""
-    votes = [Vote(entry, p, sign(keys[p], entry.entry_hash)) for p in PEERS[:3]]
+def committed(entry: Entry, keys: dict[str, Any], settings: ChainSettings, at_ms: int) -> CommittedEntry:
+    """The entry as committed by peer-a with the votes of the first three peers (a quorum of 3) in epoch 0."""
+    epoch_hash = settings.genesis.epoch_hash
+    votes = [Vote(entry, p, sign(keys[p], epoch_hash, entry.entry_hash)) for p in PEERS[:3]]
     return CommittedEntry.from_quorum(entry, votes, "peer-a", at_ms)
 
 
-def signed_chain(keys: dict[str, Any], n: int, at_ms: int | None = None) -> list[CommittedEntry]:
+def signed_chain(
+    keys: dict[str, Any], settings: ChainSettings, n: int, at_ms: int | None = None
+) -> list[CommittedEntry]:
     """n linked entries of shard 0 (cycles 0..n-1, 10 receipts each), each committed with 3 votes;
     committed_at_ms is `at_ms`, or the time each entry was made."""
     entries = []
@@ -159,5 +162,5 @@ def signed_chain(keys: dict[str, Any], n: int, at_ms: int | None = None) -> list
     for c in range(n):
         e = Entry("knhk", 0, c, H(c.to_bytes(8, "big")), 10, c * 10, c * 10 + 9, prev)
         prev = e.entry_hash
-        entries.append(committed(e, keys, int(time.time() * 1000) if at_ms is None else at_ms))
+        entries.append(committed(e, keys, settings, int(time.time() * 1000) if at_ms is None else at_ms))
     return entries

@@ -21,7 +21,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.decode import encode_json
 from knhk_stream.protocol.entry import entry_for_beat
 from knhk_stream.protocol.proof import make_bundle, verify_bundle
-from knhk_stream.protocol.quorum import check_quorum, verify_signature
+from knhk_stream.protocol.quorum import check_quorum, verify_vote
 from knhk_stream.protocol.receipts import DeltaProcessor
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.lockchain import LockchainStore, verify_range
@@ -46,7 +46,7 @@ def bundle_rows(rep: Report, args: argparse.Namespace, settings: ChainSettings, 
         asm.feed(i, 1_000_000, False, v)
     beat = asm.feed(beat_size, 1_000_000 + 8 * settings.tick_ms, True, None)
     assert beat is not None
-    ce = committed(entry_for_beat(settings.chain_id, beat), keys, 0)
+    ce = committed(entry_for_beat(settings.chain_id, beat), keys, settings, 0)
     leaf = beat_size // 2
     bundle = make_bundle(ce, beat.receipts, leaf, values[leaf])
     check = verify_bundle(bundle, settings)
@@ -55,13 +55,18 @@ def bundle_rows(rep: Report, args: argparse.Namespace, settings: ChainSettings, 
         return
     hashed = make_bundle(ce, beat.receipts, leaf, values[leaf], hash_only=True)
     pub = settings.public_keys["peer-a"]
+    epoch_hash = settings.genesis.epoch_hash
     receipt = beat.receipts[leaf]
     path = merkle.inclusion_proof(beat.receipts, leaf)
     whole = f"verify_bundle (value), beat of {beat_size} receipts ({len(path)} path hashes), 3 votes"
     rows = (
         (whole, lambda: verify_bundle(bundle, settings), 2000),
         ("verify_bundle (hash-only)", lambda: verify_bundle(hashed, settings), 2000),
-        ("of which 3 x Ed25519 verify", lambda: [verify_signature(pub, ce.entry_hash, s) for _, s in ce.votes], 2000),
+        (
+            "of which 3 x Ed25519 verify",
+            lambda: [verify_vote(pub, epoch_hash, ce.entry_hash, s) for _, s in ce.votes],
+            2000,
+        ),
         ("of which receipt recompute", lambda: processor.receipt(0, 0, 0, leaf, values[leaf]), 20000),
         ("of which audit path", lambda: merkle.root_from_proof(receipt, leaf, beat_size, path), 20000),
     )
@@ -88,11 +93,12 @@ def bundle_rows(rep: Report, args: argparse.Namespace, settings: ChainSettings, 
 
 def chain_rows(env: Env, rep: Report, args: argparse.Namespace, settings: ChainSettings, keys: dict) -> None:
     n = args.audit_entries
-    chain = signed_chain(keys, n)
+    chain = signed_chain(keys, settings, n)
+    epoch = settings.genesis
 
     def check(part: list[CommittedEntry]) -> None:
         for ce in part:
-            check_quorum(ce.entry.entry_hash, ce.votes, settings.public_keys, settings.threshold)
+            check_quorum(ce.entry.entry_hash, ce.votes, epoch)
 
     threads = os.cpu_count() or 1
     one = [timed_rate(lambda: check(chain), n) for _ in range(args.runs)]

@@ -20,7 +20,7 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
     n = args.redis_entries
     log(f"7. Redis: {n:,} entries through LockchainStore.append, then verify_range")
     keys, settings = four_peer_keys()
-    entries = signed_chain(keys, n)
+    entries = signed_chain(keys, settings, n)
     append, plain, verify, reads = [], [], [], []
     client = redis.Redis.from_url(env.redis_url)
     for i in range(args.runs):
