@@ -1,4 +1,13 @@
-"""Reproduce every test vector of tests/vectors/protocol-v1.json, byte for byte."""
+"""Reproduce the test vectors of tests/vectors/protocol-v1.json that protocol version 2 did not change.
+
+Version 2 (tests/vectors/protocol-v2.json) keeps the hash, the Avro fingerprint, the Merkle
+roots and paths, every version 1 delta case, the receipt, the entries and the beats byte for
+byte (test_v2_keeps_these_v1_sections checks that), so those are reproduced here from the
+version 1 file. The version 1 vote vectors (signatures over "knhk-vote/1" || entry_hash) are
+replaced in version 2 by votes bound to an epoch; tests/unit/test_vectors_epochs.py reproduces
+the v2 "epochs", "votes" and "public_keys" sections, and only a check that the old signatures
+count for nothing is left here.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +22,15 @@ from knhk_stream.protocol.beats import TICKS_PER_BEAT, BeatAssembler
 from knhk_stream.protocol.decode import AVRO_FINGERPRINT, Delta, Rejected, decode_delta
 from knhk_stream.protocol.encoding import ZERO_HASH, H
 from knhk_stream.protocol.entry import Entry, entry_for_beat
+from knhk_stream.protocol.epochs import Peer, genesis_epoch
 from knhk_stream.protocol.hooks import canonical, encode_actions, load_hook
-from knhk_stream.protocol.quorum import (
-    check_quorum,
-    check_threshold,
-    default_threshold,
-    key_from_seed,
-    public_key_bytes,
-    sign,
-    verify_signature,
-    vote_message,
-)
+from knhk_stream.protocol.keys import key_from_seed, public_key_bytes, verify_signature
+from knhk_stream.protocol.quorum import check_quorum, sign, verify_vote, vote_message
 from knhk_stream.protocol.receipts import RECEIPT_SIZE, DeltaProcessor, Receipt
 
-VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "protocol-v1.json").read_text("utf-8"))
+VECTOR_DIR = Path(__file__).parents[1] / "vectors"
+VECTORS = json.loads((VECTOR_DIR / "protocol-v1.json").read_text("utf-8"))
+V2 = json.loads((VECTOR_DIR / "protocol-v2.json").read_text("utf-8"))
 HASHES = {"blake3": H, "sha256": merkle.sha256}
 
 
@@ -40,6 +44,18 @@ def _hex(v: str | None) -> bytes | None:
 
 def test_vector_file_is_protocol_v1():
     assert VECTORS["protocol"] == "knhk-stream/1"
+    assert V2["protocol"] == "knhk-stream/2"
+
+
+@pytest.mark.parametrize("section", ["hash", "avro_delta_fingerprint", "merkle", "receipt", "entries", "beats"])
+def test_v2_keeps_these_v1_sections(section):
+    assert V2[section] == VECTORS[section]
+
+
+def test_v2_keeps_every_v1_delta_case():
+    v2 = {c["name"]: c for c in V2["deltas"]}
+    for case in VECTORS["deltas"]:
+        assert v2.get(case["name"]) == case, case["name"]
 
 
 def test_avro_fingerprint():
@@ -278,57 +294,53 @@ def test_beat_receipts_carry_record_cycle_and_tick():
             assert parsed.delta_hash == H(_hex(r["value"]) or b"")
 
 
-# -- votes ----------------------------------------------------------------------------------
+# -- votes ---------------------------------------------------------------------------------
+# Version 2 replaced the vote section: votes sign "knhk-vote/2" || epoch_hash || entry_hash
+# (tests/unit/test_vectors_epochs.py reproduces it). The version 1 signatures are kept only to
+# show that they are still real Ed25519 signatures over "knhk-vote/1" || entry_hash, and that
+# they count for nothing as version 2 votes.
 
-VOTES = VECTORS["votes"]
-PEERS = {p["id"]: bytes.fromhex(p["public_key"]) for p in VOTES["peers"]}
-ENTRY_HASH = bytes.fromhex(VOTES["entry_hash"])
-
-
-def test_votes_entry_hash_is_the_first_entry():
-    assert VOTES["entry_hash"] == VECTORS["entries"][0]["entry_hash"]
-
-
-def test_signed_message():
-    assert vote_message(ENTRY_HASH).hex() == VOTES["signed_message"]
-    assert vote_message(ENTRY_HASH) == b"knhk-vote/1" + ENTRY_HASH
-
-
-@pytest.mark.parametrize("peer", [pytest.param(p, id=p["id"]) for p in VOTES["peers"]])
-def test_public_key_from_seed(peer):
-    key = key_from_seed(bytes.fromhex(peer["seed"]))
-    assert public_key_bytes(key).hex() == peer["public_key"]
-    assert public_key_bytes(key.public_key()).hex() == peer["public_key"]
-
-
-@pytest.mark.parametrize("peer", [pytest.param(p, id=p["id"]) for p in VOTES["peers"]])
-def test_deterministic_signature(peer):
-    key = key_from_seed(bytes.fromhex(peer["seed"]))
-    expected = VOTES["signatures"][peer["id"]]
-    assert sign(key, ENTRY_HASH).hex() == expected
-    assert verify_signature(PEERS[peer["id"]], ENTRY_HASH, bytes.fromhex(expected))
-    assert not verify_signature(PEERS[peer["id"]], H(b"another entry"), bytes.fromhex(expected))
-
-
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, id=_name_id(c["name"])) for c in VOTES["quorum_cases"]]
+V1_VOTES = VECTORS["votes"]
+V1_PEERS = {p["id"]: bytes.fromhex(p["public_key"]) for p in V1_VOTES["peers"]}
+ENTRY_HASH = bytes.fromhex(V1_VOTES["entry_hash"])
+EPOCH0 = genesis_epoch(
+    "knhk",
+    125,
+    V1_VOTES["threshold"],
+    "canonical@1",
+    1024,
+    [Peer(pid, pub) for pid, pub in V1_PEERS.items()],
 )
-def test_quorum_case(case):
-    assert VOTES["threshold"] == 3
-    votes = [(v["peer_id"], bytes.fromhex(v["signature"])) for v in case["votes"]]
-    result = check_quorum(ENTRY_HASH, votes, PEERS, VOTES["threshold"])
-    assert result.valid is case["valid"]
-    if case["valid"]:
-        assert len(result.signers) >= VOTES["threshold"]
-    else:
-        assert len(result.signers) < VOTES["threshold"]
-        assert result.problems
-    assert len(set(result.signers)) == len(result.signers)
 
 
-@pytest.mark.parametrize(
-    ("n", "t"), [pytest.param(int(n), t, id=f"n{n}") for n, t in VOTES["default_thresholds"].items()]
-)
-def test_default_threshold(n, t):
-    assert default_threshold(n) == t
-    check_threshold(t, n)  # the default is always a valid threshold
+def test_v1_votes_entry_hash_is_the_first_entry():
+    assert V1_VOTES["entry_hash"] == VECTORS["entries"][0]["entry_hash"]
+
+
+def test_v1_vote_message_is_not_the_v2_one():
+    assert bytes.fromhex(V1_VOTES["signed_message"]) == b"knhk-vote/1" + ENTRY_HASH
+    assert vote_message(EPOCH0.epoch_hash, ENTRY_HASH) != bytes.fromhex(V1_VOTES["signed_message"])
+    assert vote_message(EPOCH0.epoch_hash, ENTRY_HASH).startswith(b"knhk-vote/2")
+
+
+@pytest.mark.parametrize("peer", [pytest.param(p, id=p["id"]) for p in V1_VOTES["peers"]])
+def test_v1_vote_signatures_count_for_nothing_in_v2(peer):
+    pub = V1_PEERS[peer["id"]]
+    old = bytes.fromhex(V1_VOTES["signatures"][peer["id"]])
+    # Still a real signature over the version 1 message ...
+    assert verify_signature(pub, bytes.fromhex(V1_VOTES["signed_message"]), old)
+    # ... but no version 2 vote, and the version 2 vote of the same key is another signature.
+    assert not verify_vote(pub, EPOCH0.epoch_hash, ENTRY_HASH, old)
+    key = key_from_seed(bytes.fromhex(peer["seed"]))
+    assert public_key_bytes(key) == pub
+    assert sign(key, EPOCH0.epoch_hash, ENTRY_HASH) != old
+    assert verify_vote(pub, EPOCH0.epoch_hash, ENTRY_HASH, sign(key, EPOCH0.epoch_hash, ENTRY_HASH))
+
+
+def test_v1_quorum_of_v1_signatures_is_no_v2_quorum():
+    votes = [(pid, bytes.fromhex(sig)) for pid, sig in V1_VOTES["signatures"].items()]
+    result = check_quorum(ENTRY_HASH, votes, EPOCH0)
+    assert not result.valid
+    assert result.signers == ()
+    assert len(result.rejected) == len(votes)
+    assert all("bad signature" in r for r in result.rejected)
