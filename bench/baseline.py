@@ -16,6 +16,7 @@ from bench.harness import log
 # The last commit before the issue-6 hot-path work: the "before" of the core and one-peer cases.
 DEFAULT_BASELINE_REF = "2084579"
 CORE_MODULES = ("decode", "hooks", "receipts", "beats", "merkle", "encoding")
+CURRENT = "knhk_stream.protocol"  # where this tree has them (and quorum)
 
 
 def extract_ref(ref: str, dest: Path) -> Path | None:
@@ -39,18 +40,22 @@ def extract_ref(ref: str, dest: Path) -> Path | None:
 
 
 def hybrid_tree(ref_pkg: Path, dest: Path) -> Path:
-    """This tree's knhk_stream with the core modules of the baseline ref (a worker with the old core)."""
+    """This tree's knhk_stream with the core modules of the baseline ref (a worker with the old core).
+
+    The baseline ref has them at the top of the package (knhk_stream/decode.py, ...), this tree in
+    knhk_stream/protocol/, where the worker imports them from; their imports are relative."""
     pkg = dest / "hybrid" / "knhk_stream"
     if pkg.exists():
         shutil.rmtree(pkg)
     shutil.copytree(ROOT / "knhk_stream", pkg, ignore=shutil.ignore_patterns("__pycache__"))
     for m in CORE_MODULES:
-        shutil.copy(ref_pkg / f"{m}.py", pkg / f"{m}.py")
+        shutil.copy(ref_pkg / f"{m}.py", pkg / "protocol" / f"{m}.py")
     return pkg.parent
 
 
 class Pkg:
-    """A knhk_stream-like package's core modules."""
+    """The core modules of a package: `Pkg(CURRENT)` for this tree's, `Pkg("knhk_base")` for the
+    baseline ref's (extract_ref, on sys.path), which has them at the top of the package."""
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.baseline import Pkg
+from bench.baseline import CURRENT, Pkg
 from bench.harness import log
 from bench.load import json_values
 
@@ -76,7 +76,7 @@ def profile_core(args: argparse.Namespace) -> None:
     from bench.cases.core import core_feed
 
     values = json_values(args.deltas)
-    pkg = Pkg("knhk_stream")
+    pkg = Pkg(CURRENT)
     out = args.out / "profile_core.txt"
     try:
         from pyinstrument import Profiler

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.baseline import Pkg, extract_ref
+from bench.baseline import CURRENT, Pkg, extract_ref
 from bench.cluster import Env
 from bench.harness import Report, Result, log, timed_rate
 from bench.load import avro_values, committed, four_peer_keys, json_values, kb_values
@@ -48,7 +48,7 @@ def vote_calls(quorum: Any, key: Any) -> tuple[Callable[[], object], Callable[[]
 def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
     n = args.deltas
     log(f"2. core alone: {n:,} deltas per run through decode, hook, receipt, beat and Merkle")
-    after = Pkg("knhk_stream")
+    after = Pkg(CURRENT)
     before: Pkg | None = None
     tmp = Path(tempfile.mkdtemp(prefix="knhk-bench-ref-"))
     try:
