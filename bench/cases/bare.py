@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -78,6 +79,14 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             chart="throughput",
             label="produce (reference)",
         )
+    )
+
+
+def versus_bare(case: str, name: str, res: list[dict[str, float]], key: str, **kw: Any) -> Result:
+    """A throughput row of `res[...][key]` beside the bare consume of the same topics in the same runs."""
+    bare = [r["bare"] for r in res]
+    return Result(
+        case, name, "deltas/s", [r[key] for r in res], "bare consume, same topic", bare, chart="throughput", **kw
     )
 
 

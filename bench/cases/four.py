@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from bench.cases.bare import bare_consume
+from bench.cases.bare import bare_consume, versus_bare
 from bench.cases.latency import latency_case
 from bench.cluster import PEERS, Committed, Env, Workers, chain_settings
-from bench.harness import Report, Result, log
+from bench.harness import Report, log
 from bench.load import json_values, produce_all
 from knhk_stream.store.lockchain import LockchainStore
 
@@ -39,16 +39,12 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
                 }
             )
             log(f"  run {i + 1}: {res[-1]}")
-    bare = [r["bare"] for r in res]
     rep.add(
-        Result(
+        versus_bare(
             "4. Four peers",
             "4 workers (one per peer), after the group joins",
-            "deltas/s",
-            [r["after_join"] for r in res],
-            "bare consume, same topic",
-            bare,
-            chart="throughput",
+            res,
+            "after_join",
             label="4 peers after joins",
             extra={"e2e_nothing_subtracted": [r["e2e"] for r in res]},
             note="every peer reads every delta: 4x the core work on 2 shared cores",

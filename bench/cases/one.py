@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.baseline import extract_ref, hybrid_tree
-from bench.cases.bare import bare_consume, bare_median
+from bench.cases.bare import bare_consume, bare_median, versus_bare
 from bench.cluster import SESSION_TIMEOUT_MS, Committed, Env, Workers, chain_settings
 from bench.harness import Report, Result, log
 from bench.load import json_values, produce_all
@@ -93,29 +93,22 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
                 f"py-spy, one worker (1 peer, 4 shards) over {args.deltas:,} pre-produced deltas, "
                 f"from spawn to the last commit (idle samples excluded)\n\n{summary}\n"
             )
-    bare = [r["bare"] for r in res]
     rep.add(
-        Result(
+        versus_bare(
             "3. One peer",
             "1 worker, topic -> committed entries (nothing subtracted)",
-            "deltas/s",
-            [r["e2e"] for r in res],
-            "bare consume, same topic",
-            bare,
-            chart="throughput",
+            res,
+            "e2e",
             label="1 peer e2e, nothing subtracted",
             extra={"total_s": [r["total_s"] for r in res]},
         )
     )
     rep.add(
-        Result(
+        versus_bare(
             "3. One peer",
             "1 worker, after the group join (from its shard assignment to its last commit)",
-            "deltas/s",
-            [r["after_join"] for r in res],
-            "bare consume, same topic",
-            bare,
-            chart="throughput",
+            res,
+            "after_join",
             label="1 peer after join",
         )
     )
@@ -140,14 +133,11 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
                     bres.append(one_peer_run(env, args, values, tag="onebefore", pythonpath=path))
                     log(f"  before run {i + 1}: {bres[-1]}")
                 rep.add(
-                    Result(
+                    versus_bare(
                         "3. One peer",
                         f"1 worker with the core at {args.baseline_ref} (before), after the join",
-                        "deltas/s",
-                        [r["after_join"] for r in bres],
-                        "bare consume, same topic",
-                        [r["bare"] for r in bres],
-                        chart="throughput",
+                        bres,
+                        "after_join",
                         label="1 peer after join, core before",
                         note="this tree with decode/hooks/receipts/beats/merkle/encoding from the baseline ref",
                         extra={"e2e": [r["e2e"] for r in bres]},
