@@ -22,7 +22,7 @@ small and shared and absolute numbers move from run to run:
 Writes bench/results/latest.json, latest.md (tables) and latest.png (chart; needs matplotlib).
 Results are written down, never asserted. bench/README.md has the details and the results.
 
-    .venv/bin/python -m bench                  # everything (about 20 minutes)
+    .venv/bin/python -m bench                  # everything (about 15 minutes)
     .venv/bin/python -m bench --quick          # a smoke run (a few minutes)
     .venv/bin/python -m bench --cases core,one --runs 5
     .venv/bin/python -m bench --cases one --profile   # also py-spy / pyinstrument profiles
