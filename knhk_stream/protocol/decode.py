@@ -23,6 +23,7 @@ HOOK_ERROR = "hook_error"
 REJECTION_CODES = (MALFORMED, EMPTY, TOO_LARGE, INVALID_TERM, HOOK_ERROR)
 
 MAX_TERM_BYTES = 4096
+MAX_DEPTH = 64  # arrays and objects nested in one another; the top-level object alone is 1
 _SHORT = MAX_TERM_BYTES // 4  # code points that surely fit in MAX_TERM_BYTES
 AVRO_MAGIC = b"\xc3\x01"
 
@@ -62,6 +63,45 @@ class _Malformed(Exception):
     pass
 
 
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+_BOM = b"\xef\xbb\xbf"
+
+
+def _depth_problem(value: bytes) -> str | None:
+    """Why a JSON text nests arrays and objects deeper than MAX_DEPTH, or None when it does not.
+
+    Iterative, over the bytes, before any parsing, so that the json module never
+    recurses deeper than MAX_DEPTH and no recursion limit decides. A text with at
+    most MAX_DEPTH `[` and `{` bytes cannot be deeper (the common case: two counts).
+    Otherwise the brackets inside strings are dropped, then each round removes every
+    innermost `[]` and `{}` pair: a well-nested text is empty after as many rounds as
+    it is deep. What is left after MAX_DEPTH rounds, or what no round can shorten
+    (brackets that do not match), is not JSON of depth <= MAX_DEPTH either way. Only
+    for valid JSON does the answer need to be exact: any other text is malformed
+    whatever this says.
+    """
+    if value.count(b"[") + value.count(b"{") <= MAX_DEPTH:
+        return None
+    v = value
+    if b"\\" in v:  # escapes: drop escaped backslashes, then escaped quotes (both in strings only)
+        v = v.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Keep quotes and brackets. Two adjacent quotes close and reopen a string or enclose
+    # an empty one: dropping them leaves every other byte on its side of the strings.
+    v = v.translate(None, _NOT_STRUCTURAL).replace(b'""', b"")
+    if b'"' in v:
+        v = b"".join(v.split(b'"')[::2])  # the even pieces are outside strings
+    for _ in range(MAX_DEPTH):
+        if not v:
+            return None
+        # One round removes exactly the pairs innermost now: the placeholder keeps a
+        # removal from making a new pair within the round.
+        w = v.replace(b"[]", b"\x00").replace(b"{}", b"\x00")
+        if len(w) == len(v):
+            return "unbalanced brackets"
+        v = w.replace(b"\x00", b"")
+    return f"nested deeper than {MAX_DEPTH} levels" if v else None
+
+
 class _Number:
     """JSON numbers are never valid terms; keeping them opaque avoids int-size limits."""
 
@@ -99,15 +139,18 @@ _CONTAINERS = (tuple, list)
 
 
 def _check_no_surrogates(node: Any) -> None:
-    if isinstance(node, str):
-        node.encode("utf-8")
-    elif isinstance(node, dict):
-        for k, v in node.items():
-            k.encode("utf-8")
-            _check_no_surrogates(v)
-    elif isinstance(node, list):
-        for v in node:
-            _check_no_surrogates(v)
+    """UnicodeEncodeError if any string or key of a parsed text holds a lone surrogate (no recursion)."""
+    stack = [node]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            node.encode("utf-8")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                k.encode("utf-8")
+                stack.append(v)
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _json_triples(obj: dict[str, Any], field: str) -> tuple[Triple, ...]:
@@ -162,7 +205,9 @@ def _fast_json(value: bytes) -> Delta | None:
     None sends the value down the full path, which decides and explains; for every
     value this accepts, the full path returns the same Delta. It declines escapes
     (\\u, which may hide a lone surrogate), whitespace around the object, any
-    repeated key, nested containers in other fields, and every wrong type.
+    repeated key, nested containers in other fields, and every wrong type. The
+    caller has checked the depth (`_depth_problem`), so the scanner nests at most
+    MAX_DEPTH levels.
     """
     try:
         text = value.decode("utf-8")
@@ -197,16 +242,21 @@ def _fast_json(value: bytes) -> Delta | None:
 
 
 def _decode_json(value: bytes) -> Delta:
+    too_deep = _depth_problem(value)  # before any parsing, the fast path's included
+    if too_deep:
+        raise _Malformed(f"not a JSON delta: {too_deep}")
     fast = _fast_json(value)
     if fast is not None:
         return fast
+    if value[:3] == _BOM:
+        raise _Malformed("a byte-order mark is not JSON (RFC 8259)")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Malformed(f"invalid UTF-8 at byte {e.start}") from None
     try:
         obj = _JSON.decode(text)
-    except (ValueError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: unreachable, the depth is checked
         raise _Malformed(f"not a JSON delta: {e}") from None
     if not isinstance(obj, dict):
         raise _Malformed("a JSON delta must be an object")
@@ -378,6 +428,8 @@ def decode_valid(value: bytes, max_triples: int = 1024) -> Delta | None:
     """
     if value[:2] == AVRO_MAGIC:
         delta = _fast_avro(value) if value[2:10] == AVRO_FINGERPRINT else None
+    elif value.count(b"[") + value.count(b"{") > MAX_DEPTH and _depth_problem(value):
+        return None  # malformed: decode_delta explains
     else:
         delta = _fast_json(value)
     if delta is None:

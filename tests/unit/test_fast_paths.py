@@ -8,7 +8,11 @@ These properties compare each value's result with the fast paths switched off.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import json.decoder
+import json.scanner
+from types import SimpleNamespace
 from unittest import mock
 
 from hypothesis import given, settings
@@ -43,11 +47,31 @@ def _check(value: bytes) -> None:
     assert receipt[-64:] == full_outcome.delta_hash + full_outcome.a_hash
 
 
+class Raw(str):
+    """A JSON token written as it is: numbers of any size, and the constants that are not JSON."""
+
+
 TERMS = st.one_of(
     st.sampled_from(["urn:a", "urn:b", "", "ü", "x" * 1024, "x" * 1025, "é" * 1100, "a\\b", 'q"z', "\x00"]),
+    # protocol v2: brackets, quotes and escapes inside strings; lone surrogates (a pair is fine)
+    st.sampled_from(["[[{", "]}", '\\"[', "\\", "\ud800", "x\udc00", "\ud83d\ude00", "\ufeff"]),
     st.text(max_size=6),
 )
-SCALARS = st.one_of(TERMS, st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False))
+NUMBERS_AND_CONSTANTS = ("NaN", "Infinity", "-Infinity", "9" * 5000, "-" + "1" * 4400, "1.5e400", "-0.0E-9", "01")
+RAW = st.sampled_from([Raw(t) for t in NUMBERS_AND_CONSTANTS])
+SCALARS = st.one_of(TERMS, st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False), RAW)
+
+
+def _nest(depth: int, kinds: list[str], inner):
+    """`inner` inside `depth` arrays and objects (kinds cycled: "a" array, "o" object {"k": ...})."""
+    node = inner
+    for i in range(depth):
+        node = [node] if kinds[i % len(kinds)] == "a" else [("k", node)]
+    return node
+
+
+# From 1 to 70 levels in an ignored field: the field's depth plus the top-level object around it.
+DEEP = st.builds(_nest, st.integers(1, 69), st.lists(st.sampled_from("ao"), min_size=1, max_size=3), SCALARS)
 
 
 def _pairs(keys: st.SearchStrategy[str], values: st.SearchStrategy) -> st.SearchStrategy:
@@ -58,7 +82,7 @@ TRIPLE = st.one_of(
     _pairs(st.sampled_from(["s", "p", "o", "g", "x"]), st.one_of(TERMS, SCALARS)),
     st.builds(lambda s, p, o: [("s", s), ("p", p), ("o", o)], TERMS, TERMS, TERMS),
 )
-FIELD_VALUE = st.one_of(st.lists(TRIPLE, max_size=3), SCALARS, _pairs(st.just("k"), SCALARS))
+FIELD_VALUE = st.one_of(st.lists(TRIPLE, max_size=3), SCALARS, _pairs(st.just("k"), SCALARS), DEEP)
 TOP = _pairs(st.sampled_from(["additions", "removals", "id", "actor", "other"]), FIELD_VALUE)
 
 
@@ -68,17 +92,84 @@ def _dump(node, ensure_ascii: bool) -> str:
         return "{" + ",".join(json.dumps(k) + ":" + _dump(v, ensure_ascii) for k, v in node) + "}"
     if isinstance(node, list):
         return "[" + ",".join(_dump(x, ensure_ascii) for x in node) + "]"
+    if isinstance(node, Raw):
+        return str(node)
     return json.dumps(node, ensure_ascii=ensure_ascii)
 
 
+def _parser_depth(text: str) -> int:
+    """How deep the json module's scanner nests on `text` before it finishes or fails.
+
+    The pure-Python scanner with counting parse_object / parse_array: the C scanner
+    descends the same way.
+    """
+    dec = json.JSONDecoder(object_pairs_hook=list, parse_int=str, parse_float=str, parse_constant=str)
+    level = [0, 0]
+
+    def counted(parse):
+        def f(*args, **kw):
+            level[0] += 1
+            level[1] = max(level[1], level[0])
+            try:
+                return parse(*args, **kw)
+            finally:
+                level[0] -= 1
+
+        return f
+
+    ctx = SimpleNamespace(
+        strict=dec.strict,
+        object_hook=dec.object_hook,
+        object_pairs_hook=dec.object_pairs_hook,
+        parse_float=dec.parse_float,
+        parse_int=dec.parse_int,
+        parse_constant=dec.parse_constant,
+        memo=dec.memo,
+        parse_string=dec.parse_string,
+        parse_object=counted(dec.parse_object),
+        parse_array=counted(dec.parse_array),
+    )
+    scan = json.scanner.py_make_scanner(ctx)
+    with contextlib.suppress(StopIteration, ValueError):  # the end of the text, or not JSON
+        scan(text, json.decoder.WHITESPACE.match(text, 0).end())
+    return level[1]
+
+
 @settings(max_examples=800, deadline=None)
-@given(TOP, st.booleans(), st.sampled_from(["", " ", "\n", "x", "]"]), st.integers(0, 3))
-def test_json_fast_path_agrees(top, ensure_ascii, tail, cut):
+@given(TOP, st.booleans(), st.sampled_from(["", " ", "\n", "x", "]"]), st.integers(0, 3), st.booleans())
+def test_json_fast_path_agrees(top, ensure_ascii, tail, cut, bom):
     text = _dump(top, ensure_ascii) if top else "{}"
     if cut == 3:
         text = text[: len(text) // 2]
     value = (text + tail).encode("utf-8", "surrogatepass")
     _check(value)
+    if bom:
+        _check(b"\xef\xbb\xbf" + value)
+        assert decode_delta(b"\xef\xbb\xbf" + value).code == decode.MALFORMED
+    # protocol v2: deeper than 64 levels is malformed, whatever else the text holds
+    if cut != 3 and tail in ("", " ", "\n") and value.decode("utf-8", "surrogatepass"):
+        deep = _parser_depth(text) > decode.MAX_DEPTH
+        assert (decode._depth_problem(value) is not None) is deep
+        if deep:
+            assert decode_delta(value) == (decode.MALFORMED, "not a JSON delta: nested deeper than 64 levels")
+
+
+# Any text of these pieces: brackets, strings, escapes, in any order, valid or not.
+SOUP = st.lists(
+    st.sampled_from(["[", "]", "{", "}", '"', "\\", "\\\\", '\\"', "a", ",", ":", "1", '"k":', "[" * 30, "]" * 30]),
+    max_size=80,
+).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(SOUP)
+def test_depth_check_bounds_the_json_scanner(text):
+    """Whatever the text, the depth check lets the json module nest at most 64 levels."""
+    value = text.encode()
+    if decode._depth_problem(value) is None:
+        assert _parser_depth(text) <= decode.MAX_DEPTH
+    _check(value)
+    _check(b'{"additions":[{"s":"a","p":"b","o":"c"}],"x":' + value + b"}")
 
 
 TRIPLES = st.lists(st.builds(Triple, TERMS, TERMS, TERMS, st.one_of(st.none(), TERMS)), max_size=4)
@@ -110,3 +201,25 @@ def test_compact_json_takes_the_fast_path(adds, rems):
         return
     if type(full) is Delta and all(len(t) <= 1024 for tr in adds + rems for t in (*tr[:3], tr[3] or "")):
         assert decode.decode_valid(value, 4) == full
+
+
+# Strings full of what the depth check must see through: brackets, quotes, backslashes.
+NASTY = st.one_of(
+    st.text(alphabet='[]{}"\\ab', max_size=12),
+    st.sampled_from(["[" * 70, "{" * 70 + "}" * 70, "\\", '\\"', "]" * 65, "\\u005b"]),
+)
+TREE = st.recursive(
+    st.one_of(NASTY, RAW, st.none()),
+    lambda kids: st.one_of(st.lists(kids, max_size=3), _pairs(NASTY, kids)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(TREE, st.integers(0, 68), st.lists(st.sampled_from("ao"), min_size=1, max_size=3), st.booleans())
+def test_depth_check_is_exact_on_json(tree, depth, kinds, ensure_ascii):
+    """On JSON text the depth check says "too deep" exactly when the scanner would nest deeper than 64."""
+    text = '{"additions":[{"s":"a","p":"b","o":"c"}],"x":' + _dump(_nest(depth, kinds, tree), ensure_ascii) + "}"
+    value = text.encode("utf-8")
+    assert (decode._depth_problem(value) is not None) is (_parser_depth(text) > decode.MAX_DEPTH)
+    _check(value)
