@@ -72,7 +72,8 @@ class BeatAssembler:
 
     def feed(self, offset: int, timestamp_ms: int, marker: bool, value: bytes | None) -> Beat | None:
         """Take one record; returns the beat it closes, if it closes one that holds deltas."""
-        tick_index = timestamp_ms // self.tick_ms
+        # A negative timestamp counts as 0 (protocol "Beats"; -1 is "no timestamp").
+        tick_index = timestamp_ms // self.tick_ms if timestamp_ms > 0 else 0
         last = self.last_tick
         if last is not None and tick_index < last:
             tick_index = last
