@@ -138,7 +138,7 @@ class DeltaLog:
                         if m.offset() < first_offset:  # out of range past the end: Kafka reset to the start
                             self._nothing_at(shard, first_offset, None)
                         first = False
-                    yield Record(m.offset(), m.timestamp()[1], is_marker(m.headers()), m.value())
+                    yield Record(m.offset(), m.timestamp()[1], is_marker(m.headers(), m.value()), m.value())
                     if m.offset() > through_offset:
                         return
         finally:

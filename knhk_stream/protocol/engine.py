@@ -35,8 +35,14 @@ class ResumePoint:
         return cls(entry.last_offset + 1, entry.entry_hash, entry.cycle)
 
 
-def is_marker(headers: list[tuple[str, bytes | None]] | dict[str, bytes] | None) -> bool:
-    if not headers:
+def is_marker(headers: list[tuple[str, bytes | None]] | dict[str, bytes] | None, value: bytes | None) -> bool:
+    """Whether a deltas-topic record is a tick marker: the `knhk-marker` header and a null or empty value.
+
+    A record with the header and a non-empty value is a delta like any other and gets
+    its receipt (protocol "Deltas topic": a header cannot hide a delta). Every reader
+    of the deltas topic (worker, Faust peer, audit replay) decides here.
+    """
+    if value or not headers:
         return False
     names = headers.keys() if isinstance(headers, dict) else (h[0] for h in headers)
     return MARKER_HEADER in names
@@ -121,7 +127,10 @@ class PeerEngine:
         return self._shards[shard].resume
 
     def feed(self, shard: int, offset: int, timestamp_ms: int, marker: bool, value: bytes | None) -> Vote | None:
-        """One record of `shard` in offset order; returns a vote when it closes a beat."""
+        """One record of `shard` in offset order; returns a vote when it closes a beat.
+
+        `marker` is `is_marker(headers, value)` of the record.
+        """
         state = self._shards[shard]
         if offset < state.resume.next_offset:
             return None  # before the resume point: already voted on

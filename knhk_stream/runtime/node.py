@@ -262,7 +262,7 @@ class PeerNode:
             shard = r.partition
             if shard not in held:
                 continue
-            marker = is_marker(r.headers)
+            marker = is_marker(r.headers, r.value)
             vote = feed(shard, r.offset, r.timestamp_ms, marker, r.value)
             if not marker:
                 n += 1

@@ -161,7 +161,8 @@ class Cluster:
             asm = BeatAssembler(shard, self.settings.tick_ms, processor)
             prev, entries = ZERO_HASH, []
             for m in msgs:
-                beat: Beat | None = asm.feed(m.offset(), m.timestamp()[1], is_marker(m.headers()), m.value())
+                marker = is_marker(m.headers(), m.value())
+                beat: Beat | None = asm.feed(m.offset(), m.timestamp()[1], marker, m.value())
                 if beat is not None:
                     e = entry_for_beat(self.settings.chain_id, beat, prev)
                     prev = e.entry_hash
@@ -170,9 +171,8 @@ class Cluster:
         return out
 
     def delta_records(self) -> int:
-        return sum(
-            1 for msgs in self.read_topic(self.topics.deltas.name).values() for m in msgs if not is_marker(m.headers())
-        )
+        deltas = self.read_topic(self.topics.deltas.name).values()
+        return sum(1 for msgs in deltas for m in msgs if not is_marker(m.headers(), m.value()))
 
     def votes(self) -> list:
         return [decode_vote(m.value()) for msgs in self.read_topic(self.topics.votes.name).values() for m in msgs]
