@@ -1,7 +1,9 @@
-"""Unit tests of the pure core: settings, quorum collection, keys, receipts and hooks."""
+"""Unit tests of the pure core: settings, quorum collection, a peer rejoining after a dissent, keys, receipts
+and hooks."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tomllib
@@ -11,15 +13,21 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from knhk_stream.protocol.consensus import Consensus
 from knhk_stream.protocol.decode import Delta, Triple, encode_json
 from knhk_stream.protocol.encoding import ZERO_HASH, H
+from knhk_stream.protocol.engine import PeerEngine, ResumePoint
 from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.epochs import Epoch, build_chain, genesis_epoch
 from knhk_stream.protocol.hooks import CANONICAL, Hook, HookError, canonical, encode_actions, load_hook
+from knhk_stream.protocol.keys import L
 from knhk_stream.protocol.quorum import (
+    WINDOW,
     Equivocation,
     QuorumCollector,
     Vote,
     VoteStatus,
+    check_quorum,
     check_threshold,
     key_from_seed,
     load_private_key,
@@ -28,6 +36,7 @@ from knhk_stream.protocol.quorum import (
     save_private_key,
     sign,
     verify_signature,
+    verify_vote,
 )
 from knhk_stream.protocol.receipts import APPLIED, RECEIPT_SIZE, REJECTED, DeltaProcessor, Receipt, rejected_a_hash
 from knhk_stream.protocol.settings import ChainSettings, Peer, SettingsError
@@ -175,10 +184,10 @@ def test_parse_public_key_accepts_real_keys():
         pytest.param(
             'hook = "x@1"\nhook_entrypoint = "tests.support.hooks_example:nope"\n', "hook_entrypoint", id="no-function"
         ),
+        pytest.param('hook = "x@1"\nhook_entrypoint = "no_such_module_knhk:f"\n', "hook_entrypoint", id="no-module"),
         pytest.param(
-            'hook = "x@1"\nhook_entrypoint = "no_such_module_knhk:f"\n', "hook_entrypoint", id="no-module"
+            'hook = "x@1"\nhook_entrypoint = "tests.support.hooks_example"\n', "hook_entrypoint", id="no-colon"
         ),
-        pytest.param('hook = "x@1"\nhook_entrypoint = "tests.support.hooks_example"\n', "hook_entrypoint", id="no-colon"),
         pytest.param("tick_ms = 0\n", "tick_ms", id="tick-zero"),
         pytest.param('tick_ms = "125"\n', "tick_ms", id="tick-string"),
         pytest.param("max_triples = -1\n", "max_triples", id="max-triples-negative"),
@@ -277,20 +286,49 @@ def test_settings_to_toml_round_trip_astral_chain_id(tmp_path):
 
 # -- quorum collector -----------------------------------------------------------------------
 
+GENESIS = genesis_epoch("knhk", 125, 3, CANONICAL, 1024, [Peer(pid, pub) for pid, pub in PUBS.items()])
+ONE_EPOCH = build_chain(GENESIS, [])
+ROTATED_D = key_from_seed(b"\x0d" * 32)
+STRANGER = key_from_seed(b"\x77" * 32)
+EPOCH1_FROM = 100  # epoch 1 (peer-d rotated its key) starts at this cycle
+
+
+def _epoch1() -> Epoch:
+    peers = tuple(Peer(pid, public_key_bytes(ROTATED_D) if pid == "peer-d" else pub) for pid, pub in PUBS.items())
+    e = Epoch("knhk", 125, 1, EPOCH1_FROM, 3, CANONICAL, 1024, peers, GENESIS.epoch_hash)
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        e = e.signed_by(pid, KEYS[pid])
+    return e.signed_by("peer-d", ROTATED_D)
+
+
+EPOCH1 = _epoch1()
+TWO_EPOCHS = build_chain(GENESIS, [EPOCH1])
+KEYS_OF = {0: KEYS, 1: {**KEYS, "peer-d": ROTATED_D}}
+
+
+def test_two_epochs_chain():
+    assert [e.number for e in TWO_EPOCHS.epochs] == [0, 1]
+    assert TWO_EPOCHS.for_cycle(EPOCH1_FROM - 1) == GENESIS
+    assert TWO_EPOCHS.for_cycle(EPOCH1_FROM) == EPOCH1
+
 
 def _entry(cycle: int = 10, root: bytes = b"r", shard: int = 0, prev: bytes = ZERO_HASH) -> Entry:
     return Entry("knhk", shard, cycle, H(root), 3, 100, 110, prev)
 
 
-def _vote(pid: str, entry: Entry, key=None) -> Vote:
-    return Vote(entry, pid, sign(key or KEYS[pid], entry.entry_hash), 1)
+def _vote(pid: str, entry: Entry, key=None, chain=ONE_EPOCH, epoch: int | None = None) -> Vote:
+    """`pid`'s vote for `entry`, signed under the epoch of its cycle (or labelled another `epoch`)."""
+    e = chain.for_cycle(entry.cycle)
+    sig = sign(key or KEYS_OF[e.number][pid], e.epoch_hash, entry.entry_hash)
+    return Vote(entry, pid, sig, 1, e.number if epoch is None else epoch)
 
 
-def test_collector_rejects_bad_threshold():
-    with pytest.raises(ValueError, match="threshold"):
-        QuorumCollector(PUBS, 2)
-    with pytest.raises(ValueError, match="threshold"):
-        QuorumCollector(PUBS, 5)
+def _collector(chain=ONE_EPOCH) -> QuorumCollector:
+    return QuorumCollector(chain.for_cycle)
+
+
+def _add(c: QuorumCollector, vote: Vote, head: bytes = ZERO_HASH, horizon: int | None = 10) -> VoteStatus:
+    return c.add(vote, head, horizon)
 
 
 def test_check_threshold_bounds():
@@ -302,130 +340,465 @@ def test_check_threshold_bounds():
             check_threshold(t, n)
 
 
-def test_collector_quorum_exactly_once():
-    c = QuorumCollector(PUBS, 3)
+def test_collector_counted_and_quorum_exactly_once():
+    c = _collector()
     e = _entry()
-    assert c.quorum(0, 10) is None
-    assert c.add(_vote("peer-a", e)) is VoteStatus.COUNTED
-    assert c.add(_vote("peer-b", e)) is VoteStatus.COUNTED
-    assert c.quorum(0, 10) is None
-    assert c.add(_vote("peer-c", e)) is VoteStatus.QUORUM
-    assert c.add(_vote("peer-d", e)) is VoteStatus.COUNTED
-    entry, votes = c.quorum(0, 10)
+    assert c.quorum_after(0, ZERO_HASH, None) is None
+    assert _add(c, _vote("peer-a", e)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-b", e)) is VoteStatus.COUNTED
+    assert c.quorum_after(0, ZERO_HASH, None) is None
+    assert _add(c, _vote("peer-c", e)) is VoteStatus.QUORUM
+    assert _add(c, _vote("peer-d", e)) is VoteStatus.COUNTED
+    entry, votes = c.quorum_after(0, ZERO_HASH, None)
     assert entry == e
     assert [v.peer_id for v in votes] == ["peer-a", "peer-b", "peer-c", "peer-d"]
-    assert all(verify_signature(PUBS[v.peer_id], e.entry_hash, v.signature) for v in votes)
-    assert not c.stuck(0, 10)
+    assert all(verify_vote(PUBS[v.peer_id], GENESIS.epoch_hash, e.entry_hash, v.signature) for v in votes)
+    assert check_quorum(e.entry_hash, [(v.peer_id, v.signature) for v in votes], GENESIS).valid
+    assert c.stuck_after(0, ZERO_HASH) is None
     assert c.equivocations == []
+    assert set(c.successors(0, ZERO_HASH)) == {e.entry_hash}
 
 
-def test_collector_rounds_are_separate():
-    c = QuorumCollector(PUBS, 3)
-    e10, e11, other_shard = _entry(10), _entry(11), _entry(10, shard=1)
-    for pid in ("peer-a", "peer-b"):
-        assert c.add(_vote(pid, e10)) is VoteStatus.COUNTED
-        assert c.add(_vote(pid, e11)) is VoteStatus.COUNTED
-        assert c.add(_vote(pid, other_shard)) is VoteStatus.COUNTED
-    assert c.add(_vote("peer-c", e11)) is VoteStatus.QUORUM
-    assert c.quorum(0, 10) is None
-    assert c.quorum(1, 10) is None
-    assert c.quorum(0, 11)[0] == e11
-    assert c.equivocations == []
-
-
-def test_collector_ignores_unknown_bad_and_repeated():
-    c = QuorumCollector(PUBS, 3)
+def test_collector_repeated_vote_counts_once():
+    c = _collector()
     e = _entry()
-    stranger = key_from_seed(b"\x77" * 32)
-    assert c.add(_vote("peer-x", e, stranger)) is VoteStatus.UNKNOWN_PEER
-    # A known peer id with somebody else's signature, a garbage signature, a signature over another entry.
-    assert c.add(_vote("peer-a", e, stranger)) is VoteStatus.BAD_SIGNATURE
-    assert c.add(Vote(e, "peer-a", bytes(64))) is VoteStatus.BAD_SIGNATURE
-    assert c.add(Vote(e, "peer-a", b"short")) is VoteStatus.BAD_SIGNATURE
-    assert c.add(Vote(e, "peer-a", sign(KEYS["peer-a"], _entry(root=b"other").entry_hash))) is (
-        VoteStatus.BAD_SIGNATURE
-    )
-    assert c.add(_vote("peer-a", e)) is VoteStatus.COUNTED
-    assert c.add(_vote("peer-a", e)) is VoteStatus.REPEATED
-    assert c.add(_vote("peer-a", e)) is VoteStatus.REPEATED
-    assert c.add(_vote("peer-b", e)) is VoteStatus.COUNTED
-    assert c.add(_vote("peer-b", e)) is VoteStatus.REPEATED
-    assert c.quorum(0, 10) is None
-    assert set(c.votes(0, 10)[e.entry_hash]) == {"peer-a", "peer-b"}
-    assert c.add(_vote("peer-c", e)) is VoteStatus.QUORUM
+    assert _add(c, _vote("peer-a", e)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", e)) is VoteStatus.REPEATED
+    assert _add(c, _vote("peer-a", e)) is VoteStatus.REPEATED
+    assert _add(c, _vote("peer-b", e)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-b", e)) is VoteStatus.REPEATED
+    assert set(c.successors(0, ZERO_HASH)[e.entry_hash]) == {"peer-a", "peer-b"}
+    assert c.quorum_after(0, ZERO_HASH, None) is None
+    assert _add(c, _vote("peer-c", e)) is VoteStatus.QUORUM
     assert c.equivocations == []
 
 
-def test_collector_equivocation_kept_as_evidence():
-    c = QuorumCollector(PUBS, 3)
-    good, evil = _entry(root=b"good"), _entry(root=b"evil")
-    first = _vote("peer-a", good)
-    second = _vote("peer-a", evil)
-    assert c.add(first) is VoteStatus.COUNTED
-    assert c.add(second) is VoteStatus.EQUIVOCATION
-    assert c.equivocations == [Equivocation("peer-a", 0, 10, first, second)]
-    # The second vote is not counted for its entry hash.
-    assert evil.entry_hash not in c.votes(0, 10)
-    assert c.add(_vote("peer-b", evil)) is VoteStatus.COUNTED
-    assert c.add(_vote("peer-c", evil)) is VoteStatus.COUNTED  # would be QUORUM had peer-a counted
-    assert c.quorum(0, 10) is None
-    assert set(c.votes(0, 10)[evil.entry_hash]) == {"peer-b", "peer-c"}
-    # Seeing the same equivocation again does not duplicate the evidence.
-    assert c.add(second) is VoteStatus.EQUIVOCATION
+def test_collector_unknown_peer():
+    c = _collector()
+    e = _entry()
+    assert _add(c, _vote("peer-x", e, STRANGER)) is VoteStatus.UNKNOWN_PEER
+    assert _add(c, Vote(e, "", bytes(64))) is VoteStatus.UNKNOWN_PEER
+    assert c.successors(0, ZERO_HASH) == {}
+    assert c.stuck_after(0, ZERO_HASH) is None
+
+
+def test_collector_bad_signatures_count_for_nothing():
+    c = _collector()
+    e = _entry()
+    good = sign(KEYS["peer-a"], GENESIS.epoch_hash, e.entry_hash)
+    s_plus_l = good[:32] + (int.from_bytes(good[32:], "little") + L).to_bytes(32, "little")
+    forged = [
+        sign(STRANGER, GENESIS.epoch_hash, e.entry_hash),  # somebody else's key
+        bytes(64),
+        b"short",
+        good[:-1] + bytes([good[-1] ^ 1]),
+        s_plus_l,  # the same signature with S + L: only S < L refuses it
+        sign(KEYS["peer-a"], GENESIS.epoch_hash, _entry(root=b"other").entry_hash),  # another entry
+        sign(KEYS["peer-a"], EPOCH1.epoch_hash, e.entry_hash),  # another epoch
+        KEYS["peer-a"].sign(b"knhk-vote/1" + e.entry_hash),  # a version 1 vote
+        KEYS["peer-a"].sign(e.entry_hash),  # no domain
+    ]
+    for sig in forged:
+        assert _add(c, Vote(e, "peer-a", sig, 1, 0)) is VoteStatus.BAD_SIGNATURE
+    assert c.successors(0, ZERO_HASH) == {}
+    assert c.equivocations == []
+    # None of them took peer-a's place: its real vote still counts, and a forged one for
+    # another successor is no evidence of equivocation.
+    assert _add(c, Vote(e, "peer-a", good, 1, 0)) is VoteStatus.COUNTED
+    assert _add(c, Vote(_entry(root=b"third"), "peer-a", bytes(64), 1, 0)) is VoteStatus.BAD_SIGNATURE
+    assert c.equivocations == []
+
+
+def test_collector_wrong_epoch():
+    c = _collector(TWO_EPOCHS)
+    late, early = _entry(EPOCH1_FROM + 5), _entry(EPOCH1_FROM - 1, root=b"early")
+    # The record names another epoch than the one of its cycle (whatever it signed).
+    assert _add(c, _vote("peer-a", late, chain=TWO_EPOCHS, epoch=0), horizon=None) is VoteStatus.WRONG_EPOCH
+    assert _add(c, _vote("peer-a", early, chain=TWO_EPOCHS, epoch=1), horizon=None) is VoteStatus.WRONG_EPOCH
+    # Signed under epoch 0 but labelled as the epoch of its cycle: a bad signature.
+    under0 = sign(KEYS["peer-b"], GENESIS.epoch_hash, late.entry_hash)
+    assert _add(c, Vote(late, "peer-b", under0, 1, 1), horizon=None) is VoteStatus.BAD_SIGNATURE
+    # peer-d's retired key does not count in epoch 1; its new key does.
+    assert _add(c, _vote("peer-d", late, KEYS["peer-d"], TWO_EPOCHS), horizon=None) is VoteStatus.BAD_SIGNATURE
+    assert _add(c, _vote("peer-d", late, chain=TWO_EPOCHS), horizon=None) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", late, chain=TWO_EPOCHS), horizon=None) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-b", late, chain=TWO_EPOCHS), horizon=None) is VoteStatus.QUORUM
+    assert _add(c, _vote("peer-a", early, chain=TWO_EPOCHS), horizon=None) is VoteStatus.COUNTED
+    entry, votes = c.quorum_after(0, ZERO_HASH, EPOCH1_FROM)
+    assert entry == late
+    assert [v.epoch for v in votes] == [1, 1, 1]
+    assert check_quorum(late.entry_hash, [(v.peer_id, v.signature) for v in votes], EPOCH1).valid
+    assert not check_quorum(late.entry_hash, [(v.peer_id, v.signature) for v in votes], GENESIS).valid
+
+
+def test_collector_unlinked_votes_are_dropped_and_taken_when_they_fit():
+    c = _collector()
+    first = _entry(10)
+    second = _entry(11, root=b"2", prev=first.entry_hash)
+    nowhere = _entry(11, root=b"3", prev=H(b"nowhere"))
+    assert _add(c, _vote("peer-a", nowhere)) is VoteStatus.UNLINKED
+    assert _add(c, _vote("peer-a", second)) is VoteStatus.UNLINKED  # its predecessor is not held yet
+    assert c.successors(0, first.entry_hash) == {}
+    # A forged vote for the predecessor does not make it held.
+    assert _add(c, Vote(first, "peer-b", bytes(64), 1, 0)) is VoteStatus.BAD_SIGNATURE
+    assert _add(c, _vote("peer-a", second)) is VoteStatus.UNLINKED
+    assert _add(c, _vote("peer-b", first)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", second)) is VoteStatus.COUNTED  # now it fits
+    assert set(c.successors(0, first.entry_hash)[second.entry_hash]) == {"peer-a"}
+    # Linking to the committed head (not zeros any more).
+    head = H(b"head")
+    assert _add(c, _vote("peer-c", _entry(12, prev=head))) is VoteStatus.UNLINKED
+    assert _add(c, _vote("peer-c", _entry(12, prev=head)), head=head) is VoteStatus.COUNTED
+
+
+def test_collector_out_of_window():
+    c = _collector()
+    edge, beyond = _entry(10 + WINDOW), _entry(11 + WINDOW, root=b"beyond")
+    assert WINDOW == 64
+    assert _add(c, _vote("peer-a", beyond), horizon=10) is VoteStatus.OUT_OF_WINDOW
+    assert _add(c, _vote("peer-a", edge), horizon=10) is VoteStatus.COUNTED
+    # Dropped, not held: what follows it does not link, and a wider horizon takes it later.
+    after = _entry(12 + WINDOW, prev=beyond.entry_hash)
+    assert _add(c, _vote("peer-b", beyond), horizon=10) is VoteStatus.OUT_OF_WINDOW
+    assert _add(c, _vote("peer-c", after), horizon=20) is VoteStatus.UNLINKED
+    assert _add(c, _vote("peer-b", beyond), horizon=20) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-c", after), horizon=20) is VoteStatus.COUNTED
+
+
+def test_collector_equivocation_two_successors_whatever_their_cycles():
+    c = _collector()
+    good, evil = _entry(10, root=b"good"), _entry(12, root=b"evil")  # both follow the genesis zeros
+    first, second = _vote("peer-a", good), _vote("peer-a", evil)
+    assert _add(c, first) is VoteStatus.COUNTED
+    assert _add(c, second) is VoteStatus.EQUIVOCATION
+    assert c.equivocations == [Equivocation("peer-a", 0, ZERO_HASH, 0, first, second)]
+    assert c.equivocations[0].cycle == 12
+    # Both votes are evidence (both verify), but only the first counts.
+    for v in (first, second):
+        assert verify_vote(PUBS["peer-a"], GENESIS.epoch_hash, v.entry_hash, v.signature)
+    assert "peer-a" not in c.successors(0, ZERO_HASH).get(evil.entry_hash, {})
+    assert _add(c, _vote("peer-b", evil)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-c", evil)) is VoteStatus.COUNTED  # would be QUORUM had peer-a counted
+    assert c.quorum_after(0, ZERO_HASH, None) is None
+    # Seen again: no second piece of evidence. A forged third vote is no evidence at all.
+    assert _add(c, second) is VoteStatus.EQUIVOCATION
+    assert _add(c, Vote(_entry(11, root=b"third"), "peer-a", bytes(64), 1, 0)) is VoteStatus.BAD_SIGNATURE
     assert len(c.equivocations) == 1
-    # A forged second vote is no evidence.
-    assert c.add(Vote(_entry(root=b"third"), "peer-a", bytes(64))) is VoteStatus.BAD_SIGNATURE
-    assert len(c.equivocations) == 1
-    assert c.add(_vote("peer-d", evil)) is VoteStatus.QUORUM
+    # A third valid successor is more evidence.
+    third = _vote("peer-a", _entry(11, root=b"third"))
+    assert _add(c, third) is VoteStatus.EQUIVOCATION
+    assert [q.second for q in c.equivocations] == [second, third]
+    assert _add(c, _vote("peer-d", evil)) is VoteStatus.QUORUM
+
+
+def test_collector_equivocation_in_the_same_cycle():
+    c = _collector()
+    assert _add(c, _vote("peer-b", _entry(10, root=b"x"))) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-b", _entry(10, root=b"y"))) is VoteStatus.EQUIVOCATION
+    assert [(q.peer_id, q.shard, q.epoch) for q in c.equivocations] == [("peer-b", 0, 0)]
+
+
+def test_collector_no_equivocation_across_shards_or_epochs():
+    c = _collector(TWO_EPOCHS)
+    assert _add(c, _vote("peer-a", _entry(10), chain=TWO_EPOCHS)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", _entry(10, shard=1), chain=TWO_EPOCHS)) is VoteStatus.COUNTED
+    # The same predecessor in another epoch is another statement (protocol: "in one epoch").
+    late = _entry(EPOCH1_FROM, root=b"late")
+    assert _add(c, _vote("peer-a", late, chain=TWO_EPOCHS), horizon=None) is VoteStatus.COUNTED
+    assert c.equivocations == []
+
+
+def test_collector_revoting_on_another_prev_is_not_equivocation():
+    """peer-d dissented at cycle 10; its re-signed vote for 11 chained from the committed entry counts."""
+    c = _collector()
+    honest10, own10 = _entry(10, root=b"10"), _entry(10, root=b"d's 10")
+    honest11 = _entry(11, root=b"11", prev=honest10.entry_hash)
+    own11 = _entry(11, root=b"11", prev=own10.entry_hash)
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        assert _add(c, _vote(pid, honest10)) in (VoteStatus.COUNTED, VoteStatus.QUORUM)
+    assert _add(c, _vote("peer-d", own10)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-d", own11)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", honest11)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-b", honest11)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-d", honest11)) is VoteStatus.QUORUM  # re-signed after the dissent
+    assert c.equivocations == []
+    entry, votes = c.quorum_after(0, honest10.entry_hash, 10)
+    assert entry == honest11
+    assert [v.peer_id for v in votes] == ["peer-a", "peer-b", "peer-d"]
+
+
+def test_collector_quorum_after():
+    c = _collector()
+    e10 = _entry(10)
+    e11 = _entry(11, prev=e10.entry_hash)
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        _add(c, _vote(pid, e10))
+    for pid in ("peer-a", "peer-b"):
+        _add(c, _vote(pid, e11))
+    assert c.quorum_after(0, ZERO_HASH, None)[0] == e10
+    assert c.quorum_after(0, ZERO_HASH, 9)[0] == e10
+    assert c.quorum_after(0, ZERO_HASH, 10) is None  # nothing after cycle 10 follows the zeros
+    assert c.quorum_after(1, ZERO_HASH, None) is None  # another shard
+    assert c.quorum_after(0, e10.entry_hash, 10) is None  # two votes, threshold 3
+    assert _add(c, _vote("peer-d", e11)) is VoteStatus.QUORUM
+    entry, votes = c.quorum_after(0, e10.entry_hash, 10)
+    assert entry == e11
+    assert [v.peer_id for v in votes] == ["peer-a", "peer-b", "peer-d"]
 
 
 def test_collector_stuck_when_two_dissent():
-    c = QuorumCollector(PUBS, 3)
+    c = _collector()
     h1, h2 = _entry(root=b"1"), _entry(root=b"2")
-    c.add(_vote("peer-a", h1))
-    assert not c.stuck(0, 10)
-    c.add(_vote("peer-b", h1))
-    c.add(_vote("peer-c", h2))
-    assert not c.stuck(0, 10)  # peer-d can still bring h1 to 3
-    c.add(_vote("peer-d", h2))
-    assert c.stuck(0, 10)
-    assert c.quorum(0, 10) is None
+    _add(c, _vote("peer-a", h1))
+    assert c.stuck_after(0, ZERO_HASH) is None
+    _add(c, _vote("peer-b", h1))
+    _add(c, _vote("peer-c", h2))
+    assert c.stuck_after(0, ZERO_HASH) is None  # peer-d can still bring h1 to 3
+    _add(c, _vote("peer-d", h2))
+    assert c.stuck_after(0, ZERO_HASH) == 10
+    assert c.quorum_after(0, ZERO_HASH, None) is None
 
 
-def test_collector_stuck_with_three_different_hashes():
-    c = QuorumCollector(PUBS, 3)
-    c.add(_vote("peer-a", _entry(root=b"1")))
-    c.add(_vote("peer-b", _entry(root=b"2")))
-    assert not c.stuck(0, 10)
-    c.add(_vote("peer-c", _entry(root=b"3")))
-    assert c.stuck(0, 10)
+def test_collector_stuck_with_three_different_successors():
+    c = _collector()
+    _add(c, _vote("peer-a", _entry(10, root=b"1")))
+    _add(c, _vote("peer-b", _entry(11, root=b"2")))
+    assert c.stuck_after(0, ZERO_HASH) is None
+    _add(c, _vote("peer-c", _entry(12, root=b"3")))
+    assert c.stuck_after(0, ZERO_HASH) == 10  # the first cycle that can no longer commit
 
 
-def test_collector_not_stuck_without_votes():
-    c = QuorumCollector(PUBS, 3)
-    assert not c.stuck(0, 10)
-    c.add(_vote("peer-x", _entry(), key_from_seed(b"\x77" * 32)))
-    assert not c.stuck(0, 10)
+def test_collector_not_stuck_without_votes_or_after_forged_ones():
+    c = _collector()
+    assert c.stuck_after(0, ZERO_HASH) is None
+    _add(c, _vote("peer-x", _entry(), STRANGER))
+    assert c.stuck_after(0, ZERO_HASH) is None
+    assert _add(c, Vote(_entry(root=b"1"), "peer-a", bytes(64), 1, 0)) is VoteStatus.BAD_SIGNATURE
+    assert _add(c, Vote(_entry(root=b"2"), "peer-b", bytes(64), 1, 0)) is VoteStatus.BAD_SIGNATURE
+    _add(c, _vote("peer-c", _entry(root=b"3")))
+    assert c.stuck_after(0, ZERO_HASH) is None
 
 
-def test_collector_not_stuck_after_a_forged_vote():
-    c = QuorumCollector(PUBS, 3)
-    assert c.add(Vote(_entry(), "peer-a", bytes(64))) is VoteStatus.BAD_SIGNATURE
-    assert not c.stuck(0, 10)
+def test_collector_not_stuck_when_an_equivocator_still_counts_once():
+    c = _collector()
+    x, y = _entry(root=b"x"), _entry(root=b"y")
+    _add(c, _vote("peer-a", x))
+    assert _add(c, _vote("peer-a", y)) is VoteStatus.EQUIVOCATION
+    _add(c, _vote("peer-b", y))
+    _add(c, _vote("peer-c", x))
+    assert c.stuck_after(0, ZERO_HASH) is None  # peer-d can bring x to 3
+    assert _add(c, _vote("peer-d", x)) is VoteStatus.QUORUM
 
 
-def test_collector_forget_until():
-    c = QuorumCollector(PUBS, 3)
-    for cycle in (8, 9, 10):
-        for pid in ("peer-a", "peer-b", "peer-c"):
-            c.add(_vote(pid, _entry(cycle)))
-        c.add(_vote("peer-a", _entry(cycle, shard=1)))
-    c.forget_until(0, 9)
-    assert c.quorum(0, 8) is None
-    assert c.quorum(0, 9) is None
-    assert c.votes(0, 9) == {}
-    assert c.quorum(0, 10) is not None
-    assert c.votes(1, 8) != {}  # other shards untouched
+def test_collector_prune():
+    c = _collector()
+    x10, d10 = _entry(10, root=b"x"), _entry(10, root=b"d")
+    x11, d11 = _entry(11, prev=x10.entry_hash), _entry(11, prev=d10.entry_hash)
+    x12 = _entry(12, prev=x11.entry_hash)
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        _add(c, _vote(pid, x10))
+    _add(c, _vote("peer-d", d10))
+    for pid in ("peer-a", "peer-b"):
+        assert _add(c, _vote(pid, x11)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-d", d11)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-a", x12)) is VoteStatus.COUNTED
+    other_shard = _entry(10, shard=1)
+    _add(c, _vote("peer-a", other_shard))
+    c.prune(0, 10, x10.entry_hash)
+    assert c.successors(0, ZERO_HASH) == {}
+    assert c.successors(0, d10.entry_hash) == {}
+    assert set(c.successors(0, x10.entry_hash)[x11.entry_hash]) == {"peer-a", "peer-b"}
+    assert set(c.successors(0, x11.entry_hash)[x12.entry_hash]) == {"peer-a"}
+    assert set(c.successors(1, ZERO_HASH)[other_shard.entry_hash]) == {"peer-a"}  # other shards untouched
+    # What hung on the dropped branch no longer links; what follows the head still does.
+    assert _add(c, _vote("peer-d", _entry(12, root=b"d", prev=d11.entry_hash)), head=x10.entry_hash) is (
+        VoteStatus.UNLINKED
+    )
+    assert _add(c, _vote("peer-c", x11), head=x10.entry_hash) is VoteStatus.QUORUM
+    assert _add(c, _vote("peer-b", x12), head=x10.entry_hash) is VoteStatus.COUNTED
+    # A later head drops everything up to it.
+    c.prune(0, 12, x12.entry_hash)
+    assert c.successors(0, x10.entry_hash) == {}
+    assert c.successors(0, x11.entry_hash) == {}
+
+
+# -- peer engine: rejoin after a dissent ----------------------------------------------------
+
+ENGINE_SETTINGS = ChainSettings(peers=GENESIS.peers, threshold=3)
+ROTATION_FROM = 12  # for the engine tests with two epochs
+
+
+def _records(cycles: range, tamper: dict[int, bytes] | None = None) -> list[tuple[int, int, bool, bytes]]:
+    """Two JSON deltas per cycle (offset, timestamp, marker, value); `tamper` replaces values by offset."""
+    out = []
+    for cycle in cycles:
+        for tick in (1, 5):
+            offset = 2 * cycle + (tick > 1)
+            value = json.dumps({"additions": [{"s": f"urn:s{offset}", "p": "urn:p", "o": str(offset)}]}).encode()
+            out.append((offset, (cycle * 8 + tick) * ENGINE_SETTINGS.tick_ms, False, (tamper or {}).get(offset, value)))
+    return out
+
+
+def _engines(settings: ChainSettings = ENGINE_SETTINGS, keys=None) -> dict[str, PeerEngine]:
+    out = {}
+    for pid in PUBS:
+        out[pid] = PeerEngine(settings, pid, (keys or {}).get(pid, KEYS[pid]))
+        out[pid].assign(0, ResumePoint(0))
+    return out
+
+
+def _feed(engine: PeerEngine, records) -> dict[int, Vote]:
+    votes = {}
+    for r in records:
+        v = engine.feed(0, *r)
+        if v is not None:
+            votes[v.entry.cycle] = v
+    return votes
+
+
+TAMPERED = {2 * 11: json.dumps({"additions": [{"s": "urn:s", "p": "urn:p", "o": "misread"}]}).encode()}
+
+
+def _commit_all(consensus: Consensus, engines: dict[str, PeerEngine]) -> list[tuple[Entry, list[Vote], dict]]:
+    """Commit whatever is ready, telling every engine; returns (entry, votes, statuses of re-signed votes)."""
+    out = []
+    while (ready := consensus.next_ready(0)) is not None:
+        consensus.set_head(0, ready.entry.cycle, ready.entry.entry_hash)
+        statuses = {}
+        for pid, engine in engines.items():
+            for v in engine.on_committed(0, ready.entry.cycle, ready.entry.entry_hash):
+                statuses[(pid, v.entry.cycle)] = consensus.add(v)
+        out.append((ready.entry, ready.votes, statuses))
+    return out
+
+
+def test_engine_votes_agree_without_dissent():
+    engines = _engines()
+    votes = {pid: _feed(e, _records(range(10, 14))) for pid, e in engines.items()}
+    assert {pid: sorted(v) for pid, v in votes.items()} == {pid: [10, 11, 12] for pid in PUBS}
+    for cycle in (10, 11, 12):
+        assert len({votes[pid][cycle].entry_hash for pid in PUBS}) == 1
+    assert votes["peer-a"][10].entry.prev_entry_hash == ZERO_HASH
+    assert votes["peer-a"][11].entry.prev_entry_hash == votes["peer-a"][10].entry_hash
+    consensus = Consensus(ENGINE_SETTINGS.epoch_for)
+    for pid in PUBS:
+        for v in votes[pid].values():
+            assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM)
+    assert [e.cycle for e, _, _ in _commit_all(consensus, engines)] == [10, 11, 12]
+    assert all(e.dissents(0) == 0 for e in engines.values())
+
+
+def test_engine_rejoin_resigns_later_votes_and_they_count():
+    engines = _engines()
+    honest = _feed(engines["peer-a"], _records(range(10, 15)))
+    b_votes = _feed(engines["peer-b"], _records(range(10, 15)))
+    assert {c: v.entry for c, v in b_votes.items()} == {c: v.entry for c, v in honest.items()}
+    c_votes = _feed(engines["peer-c"], _records(range(10, 15)))
+    own = _feed(engines["peer-d"], _records(range(10, 15), TAMPERED))
+    assert sorted(own) == [10, 11, 12, 13]
+    # peer-d misread a record of cycle 11: its votes for 11 and (chained from it) 12 and 13 differ.
+    assert own[10].entry_hash == honest[10].entry_hash
+    assert all(own[c].entry_hash != honest[c].entry_hash for c in (11, 12, 13))
+    assert own[12].entry.root == honest[12].entry.root  # only the chaining differs after 11
+    assert own[12].entry.prev_entry_hash == own[11].entry_hash
+
+    consensus = Consensus(ENGINE_SETTINGS.epoch_for)
+    for v in [*honest.values(), *b_votes.values(), *own.values(), c_votes[10], c_votes[11]]:
+        assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM)  # peer-c's later votes are lost
+    assert consensus.add(honest[10]) is VoteStatus.REPEATED
+    commits = _commit_all(consensus, engines)
+    assert [e.entry_hash for e, _, _ in commits] == [honest[c].entry_hash for c in (10, 11, 12, 13)]
+    assert engines["peer-d"].dissents(0) == 1
+    assert all(engines[pid].dissents(0) == 0 for pid in ("peer-a", "peer-b", "peer-c"))
+    # After 11 committed, peer-d re-signed 12 and 13 chained from the committed entry, and they
+    # made the quorums of 12 and 13 with peer-a and peer-b (peer-c's votes never came).
+    by_cycle = {e.cycle: (votes, statuses) for e, votes, statuses in commits}
+    assert by_cycle[11][1] == {("peer-d", 12): VoteStatus.QUORUM, ("peer-d", 13): VoteStatus.QUORUM}
+    assert [v.peer_id for v in by_cycle[12][0]] == ["peer-a", "peer-b", "peer-d"]
+    assert [v.peer_id for v in by_cycle[13][0]] == ["peer-a", "peer-b", "peer-d"]
+    resigned = {v.entry.cycle: v for v in by_cycle[12][0] + by_cycle[13][0] if v.peer_id == "peer-d"}
+    assert resigned[12].entry == honest[12].entry
+    assert resigned[12].entry.prev_entry_hash == honest[11].entry_hash
+    assert verify_vote(PUBS["peer-d"], GENESIS.epoch_hash, honest[13].entry_hash, resigned[13].signature)
+    assert consensus.collector.equivocations == []  # re-voting on another prev_entry_hash is not equivocation
+    # And the next beat follows the committed chain.
+    after = {pid: _feed(e, _records(range(15, 16))) for pid, e in engines.items()}
+    assert len({after[pid][14].entry_hash for pid in PUBS}) == 1
+    assert after["peer-d"][14].entry.prev_entry_hash == honest[13].entry_hash
+
+
+def test_engine_rejoin_when_the_commit_comes_before_the_next_beat():
+    engines = _engines()
+    honest = _feed(engines["peer-a"], _records(range(10, 13)))
+    own = _feed(engines["peer-d"], _records(range(10, 13), TAMPERED))
+    assert sorted(own) == [10, 11]
+    assert own[11].entry_hash != honest[11].entry_hash
+    d = engines["peer-d"]
+    assert d.on_committed(0, 10, honest[10].entry_hash) == []
+    assert d.on_committed(0, 11, honest[11].entry_hash) == []  # nothing later to re-sign
+    assert d.dissents(0) == 1
+    later_honest = _feed(engines["peer-a"], _records(range(13, 15)))
+    later_own = _feed(d, _records(range(13, 15)))
+    assert later_own[12].entry == later_honest[12].entry
+    assert later_own[12].entry.prev_entry_hash == honest[11].entry_hash
+    assert later_own[13].entry_hash == later_honest[13].entry_hash
+
+
+def _behind() -> tuple[PeerEngine, dict[int, Vote], dict[int, Vote]]:
+    """peer-d learns that 11 committed (another entry than its own) before it closes its beat 11."""
+    engines = _engines()
+    honest = _feed(engines["peer-a"], _records(range(10, 15)))
+    d = engines["peer-d"]
+    records = _records(range(10, 15), TAMPERED)
+    own = _feed(d, records[:4])  # beats 10 and 11 fed: only 10 is closed
+    assert sorted(own) == [10]
+    assert d.on_committed(0, 10, honest[10].entry_hash) == []
+    assert d.on_committed(0, 11, honest[11].entry_hash) == []
+    own.update(_feed(d, records[4:]))
+    return d, honest, own
+
+
+def test_engine_behind_the_committed_chain_follows_it():
+    _, honest, own = _behind()
+    assert own[11].entry_hash != honest[11].entry_hash  # its own (dissenting) beat 11
+    assert own[12].entry == honest[12].entry  # chained from the committed 11
+    assert own[13].entry_hash == honest[13].entry_hash
+
+
+def test_engine_behind_the_committed_chain_records_the_dissent():
+    """Protocol "Votes and quorum": when a committed entry differs from the peer's own vote for
+    that cycle, the peer records its dissent, whether the vote was cast before or after it learnt
+    of the commit."""
+    d, honest, own = _behind()
+    assert own[11].entry.cycle == 11
+    assert own[11].entry_hash != honest[11].entry_hash
+    assert d.dissents(0) == 1
+
+
+def test_engine_with_old_and_new_key_signs_each_epoch_with_its_key():
+    e1 = Epoch("knhk", 125, 1, ROTATION_FROM, 3, CANONICAL, 1024, EPOCH1.peers, GENESIS.epoch_hash)
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        e1 = e1.signed_by(pid, KEYS[pid])
+    e1 = e1.signed_by("peer-d", ROTATED_D)
+    settings = ENGINE_SETTINGS.with_epochs([e1])
+    assert [e.number for e in settings.epoch_chain.epochs] == [0, 1]
+    engines = _engines(settings, {"peer-d": [KEYS["peer-d"], ROTATED_D]})
+    votes = {pid: _feed(e, _records(range(10, 15))) for pid, e in engines.items()}
+    d = votes["peer-d"]
+    assert [d[c].epoch for c in (10, 11, 12, 13)] == [0, 0, 1, 1]
+    assert verify_vote(PUBS["peer-d"], GENESIS.epoch_hash, d[11].entry_hash, d[11].signature)
+    assert verify_vote(public_key_bytes(ROTATED_D), e1.epoch_hash, d[12].entry_hash, d[12].signature)
+    consensus = Consensus(settings.epoch_for)
+    for pid in ("peer-a", "peer-d", "peer-b"):  # peer-c is offline: peer-d counts in both epochs
+        for v in votes[pid].values():
+            assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM)
+    commits = _commit_all(consensus, engines)
+    assert [e.cycle for e, _, _ in commits] == [10, 11, 12, 13]
+    assert all("peer-d" in [v.peer_id for v in votes] for _, votes, _ in commits)
+    # With only its new key, peer-d casts no vote in epoch 0.
+    only_new = PeerEngine(settings, "peer-d", ROTATED_D)
+    only_new.assign(0, ResumePoint(0))
+    assert sorted(_feed(only_new, _records(range(10, 15)))) == [12, 13]
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -507,17 +880,21 @@ def test_load_private_key_broken_pem(tmp_path):
         load_private_key(path)
 
 
-def test_signatures_bind_key_and_entry():
+def test_signatures_bind_key_epoch_and_entry():
     e = _entry().entry_hash
-    sig = sign(KEYS["peer-a"], e)
+    epoch_hash = GENESIS.epoch_hash
+    sig = sign(KEYS["peer-a"], epoch_hash, e)
     assert len(sig) == 64
-    assert verify_signature(PUBS["peer-a"], e, sig)
-    assert not verify_signature(PUBS["peer-b"], e, sig)
-    assert not verify_signature(PUBS["peer-a"], H(b"x"), sig)
-    assert not verify_signature(PUBS["peer-a"], e, sig[:-1] + bytes([sig[-1] ^ 1]))
-    assert not verify_signature(b"short", e, sig)
-    # A signature over the bare entry hash (no domain) is not a vote.
-    assert not verify_signature(PUBS["peer-a"], e, KEYS["peer-a"].sign(e))
+    assert sig == KEYS["peer-a"].sign(b"knhk-vote/2" + epoch_hash + e)
+    assert verify_vote(PUBS["peer-a"], epoch_hash, e, sig)
+    assert not verify_vote(PUBS["peer-b"], epoch_hash, e, sig)
+    assert not verify_vote(PUBS["peer-a"], epoch_hash, H(b"x"), sig)
+    assert not verify_vote(PUBS["peer-a"], EPOCH1.epoch_hash, e, sig)
+    assert not verify_vote(PUBS["peer-a"], epoch_hash, e, sig[:-1] + bytes([sig[-1] ^ 1]))
+    assert not verify_vote(b"short", epoch_hash, e, sig)
+    assert not verify_signature(PUBS["peer-a"], e, sig)
+    # A signature over the bare entry hash (no domain, no epoch) is not a vote.
+    assert not verify_vote(PUBS["peer-a"], epoch_hash, e, KEYS["peer-a"].sign(e))
 
 
 # -- receipts -------------------------------------------------------------------------------
