@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from knhk_stream.errors import KnhkError
+from knhk_stream.errors import KnhkError, MissingExtra
 from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.settings import ChainSettings
 
@@ -51,6 +51,12 @@ def fail_cleanly(fn: F) -> F:
             ) from None
         except KnhkError as e:
             raise click.ClickException(str(e)) from None
+        except ModuleNotFoundError as e:
+            if e.name == "confluent_kafka":
+                raise click.ClickException(
+                    str(MissingExtra(f"`{click.get_current_context().command_path}`", "kafka"))
+                ) from None
+            raise
 
     return run
 

@@ -314,7 +314,7 @@ def test_failed_step_says_what_was_wrong(cluster, bundles):
     b = copy.deepcopy(bundles["middle"])
     b["votes"] = b["votes"][:2]
     check = verify_bundle(b, cluster.settings)
-    assert check.failed_step == "quorum" and "2 valid votes, the threshold is 3" in check.message
+    assert check.failed_step == "quorum" and "2 valid votes, the threshold of epoch 0 is 3" in check.message
     assert verify_bundle([], cluster.settings).failed_step == "bundle"  # type: ignore[arg-type]
     del b["receipt"]
     check = verify_bundle(b, cluster.settings)
@@ -477,7 +477,10 @@ def test_audit_says_when_kafka_no_longer_holds_the_records(broker, redis_url, re
         chain.append(entry_for_beat("knhk", beat, chain[-1].entry_hash))
     store = LockchainStore.from_url(redis_url, "knhk", redis_prefix)
     for e in chain:
-        votes = [Vote(e, pid, sign(peer_keys[pid], e.entry_hash)) for pid in ("peer-a", "peer-b", "peer-c")]
+        votes = [
+            Vote(e, pid, sign(peer_keys[pid], settings.genesis.epoch_hash, e.entry_hash))
+            for pid in ("peer-a", "peer-b", "peer-c")
+        ]
         store.append(CommittedEntry.from_quorum(e, votes, "peer-a", 1))
 
     report = audit_shard(store, settings, log, 0)
@@ -588,7 +591,10 @@ def test_import_refuses_holes_forks_and_foreign_chains(cluster, fresh, tmp_path)
     keys = {p.id: load_private_key(cluster.workdir / f"{p.id}.pem") for p in cluster.settings.peers}
     honest = CommittedEntry.from_mapping(json.loads(lines[1]))
     forged = dataclasses.replace(honest.entry, root=H(b"another history"))
-    votes = [Vote(forged, pid, sign(keys[pid], forged.entry_hash)) for pid in ("peer-a", "peer-b", "peer-c")]
+    votes = [
+        Vote(forged, pid, sign(keys[pid], cluster.settings.genesis.epoch_hash, forged.entry_hash))
+        for pid in ("peer-a", "peer-b", "peer-c")
+    ]
     fork_line = json.dumps(CommittedEntry.from_quorum(forged, votes, "peer-a", 1).to_json())
     before = _stored(store)
     path = tmp_path / "fork.jsonl"

@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from knhk_stream.cli.main import main
 from knhk_stream.protocol.keys import generate_key, public_key_bytes, save_private_key
 from knhk_stream.protocol.settings import ChainSettings
 from tests.support.cluster import SHARDS, Cluster
+
+
+@pytest.fixture()
+def cluster(tmp_path, broker, redis_url) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, broker.bootstrap, redis_url)
+    yield c
+    c.close()
 
 
 def _cli(*args: str) -> tuple[int, str]:

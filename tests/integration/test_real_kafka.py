@@ -11,9 +11,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from knhk_stream.kafka.admin import apply_topics
 from knhk_stream.protocol.decode import Delta, Triple, encode_json
 from tests.support.cluster import SHARDS, Cluster
 from tests.support.services import TANSU_LACKS
@@ -50,35 +49,3 @@ def test_aborted_deltas_get_no_receipt(cluster):
     time.sleep(2)
     cluster.stop_all()
     assert cluster.committed_receipts() == 400  # the 40 aborted deltas never became receipts
-
-
-def test_roots_topic_is_compacted(real_kafka):
-    from knhk_stream.kafka.topics import load_topics
-
-    topics = load_topics().renamed(f"c{uuid.uuid4().hex[:6]}").with_partitions(1)
-    roots = topics.roots
-    roots.config.update({"segment.ms": "200", "min.cleanable.dirty.ratio": "0.01", "delete.retention.ms": "100"})
-    apply_topics(real_kafka.bootstrap, topics)
-    p = Producer({"bootstrap.servers": real_kafka.bootstrap})
-    for i in range(200):
-        p.produce(roots.name, key=b"knhk/0/%020d" % (i % 5), value=b"%d" % i, partition=0)
-        if i % 20 == 0:
-            time.sleep(0.1)
-    p.flush(10)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        c = Consumer({"bootstrap.servers": real_kafka.bootstrap, "group.id": uuid.uuid4().hex,
-                      "enable.partition.eof": True})  # fmt: skip
-        c.assign([TopicPartition(roots.name, 0, 0)])
-        seen = []
-        while True:
-            m = c.poll(5)
-            if m is None or m.error():
-                break
-            seen.append(m.key())
-        c.close()
-        if len(seen) < 200:
-            assert len(set(seen)) == 5
-            return
-        time.sleep(2)
-    pytest.fail("the roots topic was not compacted within 90 s")

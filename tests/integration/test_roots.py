@@ -43,7 +43,13 @@ def cluster(tmp_path, broker, redis_url) -> Iterator[Cluster]:
 
 
 def signed(entry: Entry, keys, signers=("peer-a", "peer-b", "peer-c")) -> CommittedEntry:
-    votes = tuple(sorted((p, sign(keys[p], entry.entry_hash)) for p in signers))
+    """Signed in epoch 0 of the conftest `settings` made from these keys."""
+    from knhk_stream.protocol.keys import public_key_bytes
+    from knhk_stream.protocol.settings import Peer
+
+    peers = tuple(Peer(pid, public_key_bytes(k)) for pid, k in keys.items())
+    epoch_hash = ChainSettings(peers=peers, threshold=3).genesis.epoch_hash
+    votes = tuple(sorted((p, sign(keys[p], epoch_hash, entry.entry_hash)) for p in signers))
     return CommittedEntry(entry, entry.entry_hash, votes, signers[0], 1_700_000_000_000)
 
 
@@ -99,7 +105,7 @@ def bad_records(settings: ChainSettings, keys, topic: RootsTopic) -> tuple[list[
     topic.root(good[1])
     topic.root(good[1])  # duplicate
     forged = dict(good[2].votes)
-    forged["peer-c"] = sign(keys["peer-c"], H(b"something else"))
+    forged["peer-c"] = sign(keys["peer-c"], settings.genesis.epoch_hash, H(b"something else"))
     topic.root(dataclasses.replace(good[2], votes=tuple(sorted(forged.items()))))  # bad signature
     topic.root(dataclasses.replace(good[2], entry=dataclasses.replace(e[2], root=H(b"changed"))))  # changed root
     topic.root(signed(dataclasses.replace(e[3], prev_entry_hash=H(b"elsewhere")), keys))  # broken link, held

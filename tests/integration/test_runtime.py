@@ -207,7 +207,7 @@ def test_forged_votes_change_nothing(cluster):
         head = cluster.store.head(shard)
         fake = Entry("knhk", shard, head.cycle + 1, H(b"forged"), 1, 10**9, 10**9, head.entry_hash)
         for peer_id in ("peer-a", "peer-b", "peer-c", "peer-x"):
-            vote = Vote(fake, peer_id, sign(mallory, fake.entry_hash))
+            vote = Vote(fake, peer_id, sign(mallory, cluster.settings.genesis.epoch_hash, fake.entry_hash))
             p.produce(cluster.topics.votes.name, key=record_key("knhk", shard, fake.cycle).encode(),
                       value=encode_vote(vote), partition=shard)  # fmt: skip
         p.produce(cluster.topics.votes.name, value=b"garbage", partition=shard)

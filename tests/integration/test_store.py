@@ -30,7 +30,8 @@ def make_chain(settings, peer_keys, n: int, shard: int = 0, start_cycle: int = 1
         cycle = start_cycle + i * 2
         entry = Entry(settings.chain_id, shard, cycle, H(b"root %d" % i), 3, offset, offset + 4, prev)
         votes = [
-            Vote(entry, pid, sign(peer_keys[pid], entry.entry_hash)) for pid in ("peer-a", "peer-b", "peer-c")
+            Vote(entry, pid, sign(peer_keys[pid], settings.genesis.epoch_hash, entry.entry_hash))
+            for pid in ("peer-a", "peer-b", "peer-c")
         ]
         out.append(CommittedEntry.from_quorum(entry, votes, "peer-b", 1_700_000_000_000 + i))
         prev = entry.entry_hash
@@ -92,7 +93,7 @@ TAMPER = {
     "prev_entry_hash": "22" * 32,
     "entry_hash": "33" * 32,
     "votes": "[]",
-    "committed_by": "mallory",
+    "epoch": "1",
     "committed_at_ms": "yesterday",
 }
 
@@ -110,6 +111,14 @@ def test_each_tampered_field_fails_verification_naming_entry_and_field(
     assert named, report.problems
 
 
+def test_committed_by_is_informational_and_not_checked(store, redis_url, redis_prefix, settings, chain1000):
+    """Protocol v2: no signature covers committed_by, so no check may rely on it."""
+    victim = chain1000[20]
+    client = redis.Redis.from_url(redis_url)
+    client.hset(root_key(redis_prefix, "knhk", 0, victim.entry.cycle), "committed_by", "mallory")
+    assert verify_range(store, settings, 0).ok
+
+
 def test_deleted_entry_is_reported_as_hole(store, redis_url, redis_prefix, settings, chain1000):
     client = redis.Redis.from_url(redis_url)
     victim = chain1000[300]
@@ -120,9 +129,7 @@ def test_deleted_entry_is_reported_as_hole(store, redis_url, redis_prefix, setti
     # Remove it from the cycles set too: the next entry's link shows the hole.
     client.zrem(f"{store.key(0)}:cycles", f"{victim.entry.cycle:020d}")
     report = verify_range(store, settings, 0)
-    assert any(
-        p.cycle == chain1000[301].entry.cycle and "prev_entry_hash" in p.fields for p in report.problems
-    )
+    assert any(p.cycle == chain1000[301].entry.cycle and "prev_entry_hash" in p.fields for p in report.problems)
 
 
 def test_unlisted_entry_and_wrong_head_are_reported(store, redis_url, settings, chain1000):
@@ -166,7 +173,10 @@ def test_append_refuses_missing_predecessor_and_fork(store, settings, peer_keys)
         store.append(chain[2])  # its predecessor chain[1] is missing
     store.append(chain[1])
     forked = dataclasses.replace(chain[1].entry, root=H(b"another root"))
-    votes = [Vote(forked, p, sign(peer_keys[p], forked.entry_hash)) for p in ("peer-a", "peer-b", "peer-c")]
+    votes = [
+        Vote(forked, p, sign(peer_keys[p], settings.genesis.epoch_hash, forked.entry_hash))
+        for p in ("peer-a", "peer-b", "peer-c")
+    ]
     with pytest.raises(ForkError, match="already holds"):
         store.append(CommittedEntry.from_quorum(forked, votes, "peer-a", 1))
     assert store.append(chain[1]) is False  # the same entry again is a no-op

@@ -115,13 +115,13 @@ def test_check_reports_missing_topics_and_creates_nothing(broker, prefix):
     assert not [name for name in partitions(broker.bootstrap) if name.startswith(prefix)]
 
 
-def test_apply_warns_about_and_fixes_a_differing_config(broker, prefix):
-    create_topics(broker.bootstrap, {f"{prefix}.roots": (DECLARED.roots.partitions, {"cleanup.policy": "delete"})})
+def test_apply_warns_about_and_fixes_a_compacted_roots_topic(broker, prefix):
+    create_topics(broker.bootstrap, {f"{prefix}.roots": (DECLARED.roots.partitions, {"cleanup.policy": "compact"})})
     warned = apply(broker.bootstrap, prefix)
     assert warned.exit_code == 0, warned.output
-    assert "config cleanup.policy is 'delete' on the broker, declared 'compact'" in warned.output
+    assert "config cleanup.policy is 'compact' on the broker, declared 'delete'" in warned.output
     fixed = apply(broker.bootstrap, prefix, "--fix-config")
-    assert "fixed: cleanup.policy=compact" in fixed.output
+    assert "fixed: cleanup.policy=delete" in fixed.output
     assert "warning" not in apply(broker.bootstrap, prefix).output
 
 
