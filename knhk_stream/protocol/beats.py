@@ -9,9 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from knhk_stream.protocol import merkle
-from knhk_stream.protocol.receipts import DeltaProcessor
+from knhk_stream.protocol.receipts import ReceiptMaker, receipt_tick
 
 TICKS_PER_BEAT = 8
+
+
+def beat_ms(tick_ms: int) -> int:
+    """How long a beat lasts."""
+    return TICKS_PER_BEAT * tick_ms
+
+
+def beat_end_ms(cycle: int, tick_ms: int) -> int:
+    """The first millisecond after beat `cycle`: where cycle + 1 starts."""
+    return (cycle + 1) * beat_ms(tick_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,8 +40,8 @@ class Beat:
 
     @property
     def ticks(self) -> tuple[int, ...]:
-        """The tick of each receipt (byte 13 of the receipt)."""
-        return tuple(r[13] for r in self.receipts)
+        """The tick of each receipt."""
+        return tuple(receipt_tick(r) for r in self.receipts)
 
     def root(self) -> bytes:
         return merkle.root(self.receipts)
@@ -48,7 +58,7 @@ class _OpenBeat:
 class BeatAssembler:
     """Feed one shard's records in offset order; get each beat when it closes."""
 
-    def __init__(self, shard: int, tick_ms: int, processor: DeltaProcessor) -> None:
+    def __init__(self, shard: int, tick_ms: int, processor: ReceiptMaker) -> None:
         if tick_ms < 1:
             raise ValueError(f"tick_ms must be at least 1, got {tick_ms}")
         self.shard = shard

@@ -7,8 +7,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_INT_FIELDS, Entry
 from knhk_stream.protocol.quorum import Vote
+
+# The fields of a committed entry in protocol order: the Redis hash (protocol "Redis"), export lines.
+STORED_FIELDS = (*ENTRY_FIELDS, "entry_hash", "epoch", "votes", "committed_by", "committed_at_ms")
+STORED_INT_FIELDS = (*ENTRY_INT_FIELDS, "epoch", "committed_at_ms")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from knhk_stream.protocol.beats import Beat
 from knhk_stream.protocol.encoding import ZERO_HASH, H, str16, u32, u64
@@ -34,17 +34,12 @@ class Entry:
         )
 
     def to_fields(self) -> dict[str, str | int]:
-        """The entry's fields as JSON-ready values (hashes as lowercase hex)."""
-        return {
-            "chain_id": self.chain_id,
-            "shard": self.shard,
-            "cycle": self.cycle,
-            "root": self.root.hex(),
-            "receipt_count": self.receipt_count,
-            "first_offset": self.first_offset,
-            "last_offset": self.last_offset,
-            "prev_entry_hash": self.prev_entry_hash.hex(),
-        }
+        """The entry's fields as JSON-ready values (hashes as lowercase hex), in protocol order."""
+        out: dict[str, str | int] = {}
+        for name in ENTRY_FIELDS:
+            v = getattr(self, name)
+            out[name] = v.hex() if isinstance(v, bytes) else v
+        return out
 
     @classmethod
     def from_fields(cls, f: dict[str, object]) -> Entry:
@@ -66,16 +61,20 @@ class Entry:
                 raise ValueError(f"{name} must not be negative")
             return i
 
-        return cls(
-            str(f["chain_id"]),
-            n("shard"),
-            n("cycle"),
-            h("root"),
-            n("receipt_count"),
-            n("first_offset"),
-            n("last_offset"),
-            h("prev_entry_hash"),
-        )
+        def s(name: str) -> str:
+            return str(f[name])
+
+        read = {"int": n, "bytes": h, "str": s}
+        return cls(*(read[kind](name) for name, kind in _KINDS))
+
+
+# The entry's fields in protocol order (what entry_hash covers), as the dataclass above defines them.
+_KINDS: tuple[tuple[str, str], ...] = tuple(
+    (f.name, f.type if isinstance(f.type, str) else f.type.__name__) for f in fields(Entry)
+)
+ENTRY_FIELDS: tuple[str, ...] = tuple(name for name, _ in _KINDS)
+ENTRY_INT_FIELDS: tuple[str, ...] = tuple(name for name, kind in _KINDS if kind == "int")
+ENTRY_HASH_FIELDS: tuple[str, ...] = tuple(name for name, kind in _KINDS if kind == "bytes")
 
 
 def entry_for_beat(chain_id: str, beat: Beat, prev_entry_hash: bytes = ZERO_HASH) -> Entry:

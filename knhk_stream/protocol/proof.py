@@ -16,23 +16,26 @@ from typing import Any
 
 from knhk_stream.errors import EpochError
 from knhk_stream.protocol import PROTOCOL, merkle
+from knhk_stream.protocol.beats import TICKS_PER_BEAT
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
-from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_INT_FIELDS, Entry
 from knhk_stream.protocol.epochs import U32_MAX, U64_MAX, Epoch
 from knhk_stream.protocol.quorum import check_quorum
-from knhk_stream.protocol.receipts import APPLIED, RECEIPT_SIZE, DeltaProcessor, Receipt, rejections_by_code
+from knhk_stream.protocol.receipts import (
+    A_HASH_BYTES,
+    APPLIED,
+    RECEIPT_SIZE,
+    DeltaProcessor,
+    Receipt,
+    receipt_offset,
+    rejections_by_code,
+)
 from knhk_stream.protocol.settings import ChainSettings
 
 BUNDLE_VERSION = 2
 # The checks, in the order they run; each links one item to the next.
 STEPS = ("bundle", "delta_hash", "receipt", "audit_path", "root", "entry_hash", "quorum")
-ENTRY_KEYS = ("chain_id", "shard", "cycle", "root", "receipt_count", "first_offset", "last_offset", "prev_entry_hash")
-
-
-def receipt_offset(receipt: bytes) -> int:
-    """The offset a receipt is for (bytes 14..21, big-endian u64)."""
-    return int.from_bytes(receipt[14:22], "big")
 
 
 def make_bundle(
@@ -194,13 +197,12 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
     entry_obj = b.get("entry")
     if not isinstance(entry_obj, dict):
         raise _Fail("bundle", "field 'entry' must be an object with the entry's fields")
-    missing = [k for k in ENTRY_KEYS if k not in entry_obj]
+    missing = [k for k in ENTRY_FIELDS if k not in entry_obj]
     if missing:
         raise _Fail("bundle", f"field 'entry' lacks {', '.join(missing)}")
     _str(entry_obj, "chain_id", "entry.")
-    _int(entry_obj, "shard", "entry.", U32_MAX)
-    for k in ("cycle", "receipt_count", "first_offset", "last_offset"):
-        _int(entry_obj, k, "entry.")
+    for k in ENTRY_INT_FIELDS:
+        _int(entry_obj, k, "entry.", U32_MAX if k == "shard" else U64_MAX)
     entry = Entry(
         entry_obj["chain_id"],
         entry_obj["shard"],
@@ -285,8 +287,8 @@ def _check_receipt(p: _Parsed, settings: ChainSettings) -> str:
     ):
         if mine != theirs:
             raise fail(f"the receipt is for {name} {mine}, the bundle says {name} {theirs}")
-    if r.tick >= 8:
-        raise fail(f"tick {r.tick} is not 0..7")
+    if r.tick >= TICKS_PER_BEAT:
+        raise fail(f"tick {r.tick} is not 0..{TICKS_PER_BEAT - 1}")
     epoch = settings.epoch_for(r.cycle)
     hook = settings.load_hook(epoch)
     if r.hook_id != hook.hook_id:
@@ -301,7 +303,7 @@ def _check_receipt(p: _Parsed, settings: ChainSettings) -> str:
     if again != p.receipt:
         raise fail(
             f"recomputing from the value with {hook.name} gives {_describe(Receipt.from_bytes(again))} "
-            f"(a_hash {again[-32:].hex()}), the receipt says {_describe(r)} (a_hash {r.a_hash.hex()})"
+            f"(a_hash {again[A_HASH_BYTES].hex()}), the receipt says {_describe(r)} (a_hash {r.a_hash.hex()})"
         )
     return f"recomputed with {hook.name}: {_describe(r)}, tick {r.tick}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from blake3 import blake3 as _blake3
 
@@ -17,9 +18,49 @@ RECEIPT_SIZE = 123
 APPLIED = 0
 REJECTED = 1
 
-_RECEIPT = struct.Struct(">BIQBQBI32s32s32s")
+# protocol "Receipts": u8 1 || u32 shard || u64 cycle || u8 tick || u64 offset || u8 status || u32 lanes
+#                      || [32] hook_id || [32] delta_hash || [32] a_hash
+RECEIPT_LAYOUT = (
+    ("version", "B"),
+    ("shard", "I"),
+    ("cycle", "Q"),
+    ("tick", "B"),
+    ("offset", "Q"),
+    ("status", "B"),
+    ("lanes", "I"),
+    ("hook_id", "32s"),
+    ("delta_hash", "32s"),
+    ("a_hash", "32s"),
+)
+_RECEIPT = struct.Struct(">" + "".join(code for _, code in RECEIPT_LAYOUT))
 assert _RECEIPT.size == RECEIPT_SIZE
 _PACK = _RECEIPT.pack
+
+
+def _field_slices() -> dict[str, slice]:
+    out, at = {}, 0
+    for name, code in RECEIPT_LAYOUT:
+        size = struct.calcsize(">" + code)
+        out[name] = slice(at, at + size)
+        at += size
+    return out
+
+
+# Where each field sits in the 123 bytes, to read one without unpacking the receipt.
+RECEIPT_FIELD = _field_slices()
+TICK_BYTE = RECEIPT_FIELD["tick"].start
+STATUS_BYTE = RECEIPT_FIELD["status"].start
+OFFSET_BYTES = RECEIPT_FIELD["offset"]
+A_HASH_BYTES = RECEIPT_FIELD["a_hash"]
+
+
+def receipt_tick(receipt: bytes) -> int:
+    return receipt[TICK_BYTE]
+
+
+def receipt_offset(receipt: bytes) -> int:
+    """The offset a receipt is for (a big-endian u64)."""
+    return int.from_bytes(receipt[OFFSET_BYTES], "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +113,12 @@ class Outcome:
     delta_hash: bytes
     code: str | None = None
     reason: str | None = None
+
+
+class ReceiptMaker(Protocol):
+    """What cuts receipts: a DeltaProcessor, or one per epoch (`ChainSettings.processor()` gives the right one)."""
+
+    def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes: ...
 
 
 class DeltaProcessor:
@@ -135,7 +182,7 @@ def rejections_by_code(receipts: Sequence[bytes]) -> dict[str, int]:
         _CODE_BY_A_HASH.update({rejected_a_hash(c): c for c in REJECTION_CODES})
     out: dict[str, int] = {}
     for r in receipts:
-        if r[22] == REJECTED:
-            code = _CODE_BY_A_HASH.get(r[-32:], "unknown")
+        if r[STATUS_BYTE] == REJECTED:
+            code = _CODE_BY_A_HASH.get(r[A_HASH_BYTES], "unknown")
             out[code] = out.get(code, 0) + 1
     return out
