@@ -14,33 +14,19 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple, TextIO
 
-from knhk_stream.errors import AuditError, ChainImportError, ProofUnavailable, RecordsGone
-from knhk_stream.protocol.beats import TICKS_PER_BEAT, Beat, BeatAssembler
-from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.errors import AuditError, ChainImportError, LockchainError, ProofUnavailable, RecordsGone
+from knhk_stream.protocol.beats import Beat, BeatAssembler, beat_end_ms, beat_ms
+from knhk_stream.protocol.committed import STORED_FIELDS, STORED_INT_FIELDS, CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import is_marker
 from knhk_stream.protocol.entry import Entry
-from knhk_stream.protocol.proof import (
-    BundleCheck,
-    StepResult,
-    make_bundle,
-    receipt_offset,
-    verify_bundle,
-    vote_problems,
-)
-from knhk_stream.protocol.receipts import DeltaProcessor
+from knhk_stream.protocol.proof import BundleCheck, StepResult, make_bundle, verify_bundle, vote_problems
+from knhk_stream.protocol.receipts import ReceiptMaker, receipt_offset
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.store.lockchain import (
-    STORED_FIELDS,
-    LockchainError,
-    LockchainStore,
-    VerifyReport,
-    check_entry,
-    verify_range,
-)
+from knhk_stream.store.lockchain import LockchainStore, VerifyReport, check_entry, verify_range
 
 __all__ = [
     "AuditError",
@@ -154,7 +140,7 @@ class DeltaLog:
         )
 
 
-def replay_beats(records: Iterable[Record], shard: int, tick_ms: int, processor: DeltaProcessor) -> Iterator[Beat]:
+def replay_beats(records: Iterable[Record], shard: int, tick_ms: int, processor: ReceiptMaker) -> Iterator[Beat]:
     """The beats a peer starting at the first record would cut, in order.
 
     The first record must be at a beat boundary (an entry's first_offset). At the
@@ -168,15 +154,10 @@ def replay_beats(records: Iterable[Record], shard: int, tick_ms: int, processor:
         last = r.offset
         if beat is not None:
             yield beat
-    if last is not None and asm.last_tick is not None:
-        next_cycle_ms = (asm.last_tick // TICKS_PER_BEAT + 1) * TICKS_PER_BEAT * tick_ms
-        beat = asm.feed(last + 1, next_cycle_ms, True, None)
+    if last is not None and asm.open_cycle is not None:
+        beat = asm.feed(last + 1, beat_end_ms(asm.open_cycle, tick_ms), True, None)
         if beat is not None:
             yield beat
-
-
-def _processor(settings: ChainSettings) -> DeltaProcessor:
-    return settings.processor()  # type: ignore[return-value]  # one per epoch when there are several
 
 
 # -- comparing a replayed beat with its entry -----------------------------------------------
@@ -196,8 +177,7 @@ class Difference:
         return f"cycle {self.cycle}, offset {self.offset}: {self.field}: chain has {self.expected}, replay {self.found}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"cycle": self.cycle, "offset": self.offset, "field": self.field, "expected": self.expected,
-                "found": self.found}  # fmt: skip
+        return asdict(self)
 
 
 def compare_beat(e: Entry, beat: Beat | None, log_end: int | None) -> Difference | None:
@@ -254,10 +234,9 @@ class Location:
 
 
 def _entry_at_rank(store: LockchainStore, shard: int, rank: int) -> CommittedEntry:
-    got = store.client.zrange(f"{store.key(shard)}:cycles", rank, rank)
-    if not got:
+    cycle = store.cycle_at(shard, rank)
+    if cycle is None:
         raise AuditError(f"shard {shard}: the cycles set changed during the search; try again")
-    cycle = int(got[0])
     ce = store.get(shard, cycle)
     if ce is None:
         raise AuditError(
@@ -269,7 +248,7 @@ def _entry_at_rank(store: LockchainStore, shard: int, rank: int) -> CommittedEnt
 
 def locate_offset(store: LockchainStore, shard: int, offset: int) -> Location:
     """Binary search over the cycles set: entries are in cycle order with increasing offsets."""
-    n = store.client.zcard(f"{store.key(shard)}:cycles")
+    n = store.count(shard)
     if not n:
         raise ProofUnavailable(
             f"shard {shard} of chain {store.chain_id!r} has no committed entries under Redis prefix "
@@ -308,11 +287,18 @@ def _probe(log: DeltaLog, shard: int, offset: int) -> Record | None:
     return first if first is not None and first.offset == offset else None
 
 
-def _marker_message(shard: int, offset: int) -> str:
-    return (
-        f"offset {offset} of shard {shard} is a tick marker (header knhk-marker): markers carry no delta "
-        "and get no receipt, so there is nothing to prove"
-    )
+def _delta_record(rec: Record | None, shard: int, offset: int, absent_because: str) -> Record:
+    """The record if it holds a delta; otherwise ProofUnavailable saying why there is nothing to prove."""
+    if rec is None:
+        raise ProofUnavailable(
+            f"Kafka returns no record at offset {offset} of shard {shard} ({absent_because}): there is nothing to prove"
+        )
+    if rec.marker:
+        raise ProofUnavailable(
+            f"offset {offset} of shard {shard} is a tick marker (header knhk-marker): markers carry no delta "
+            "and get no receipt, so there is nothing to prove"
+        )
+    return rec
 
 
 def rebuild_beat(
@@ -335,7 +321,7 @@ def rebuild_beat(
             yield r
 
     try:
-        beat = next(replay_beats(records(), entry.shard, settings.tick_ms, _processor(settings)), None)
+        beat = next(replay_beats(records(), entry.shard, settings.tick_ms, settings.processor()), None)
     finally:
         source.close()
     diff = compare_beat(entry, beat, end[0])
@@ -368,17 +354,15 @@ def build_bundle(
                 f"offset {offset} of shard {shard} is not committed yet (or not written yet): the committed head "
                 f"is cycle {head.cycle} (offsets {head.first_offset}..{head.last_offset}). Its beat is still open "
                 "or waiting for a "
-                f"quorum; try again once it closes (a beat is {TICKS_PER_BEAT * settings.tick_ms} ms), "
+                f"quorum; try again once it closes (a beat is {beat_ms(settings.tick_ms)} ms), "
                 "or see `knhk-stream status`"
             )
-        rec = _probe(log, shard, offset)
-        if rec is None:
-            raise ProofUnavailable(
-                f"Kafka returns no record at offset {offset} of shard {shard} (a transaction control record, "
-                "an aborted record, or one deleted by retention): there is nothing to prove"
-            )
-        if rec.marker:
-            raise ProofUnavailable(_marker_message(shard, offset))
+        _delta_record(
+            _probe(log, shard, offset),
+            shard,
+            offset,
+            "a transaction control record, an aborted record, or one deleted by retention",
+        )
         if loc.before is None:
             first = loc.after.entry if loc.after else head
             raise ProofUnavailable(
@@ -393,14 +377,8 @@ def build_bundle(
             f"Run `knhk-stream audit --shard {shard}`"
         )
     ce = loc.entry
-    beat, rec = rebuild_beat(log, settings, ce.entry, want=offset)
-    if rec is None:
-        raise ProofUnavailable(
-            f"Kafka returns no record at offset {offset} of shard {shard} (a transaction control record or an "
-            "aborted record): there is nothing to prove"
-        )
-    if rec.marker:
-        raise ProofUnavailable(_marker_message(shard, offset))
+    beat, found = rebuild_beat(log, settings, ce.entry, want=offset)
+    rec = _delta_record(found, shard, offset, "a transaction control record or an aborted record")
     leaf = next(i for i, r in enumerate(beat.receipts) if receipt_offset(r) == offset)
     bundle = make_bundle(ce, beat.receipts, leaf, rec.value, hash_only, settings.epoch_chain.epochs)
     check = verify_bundle(bundle, settings)
@@ -478,22 +456,14 @@ class AuditReport:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "chain_id": self.chain_id,
-            "shard": self.shard,
-            "status": self.status,
-            "entries": self.entries,
-            "replayed": self.replayed,
-            "receipts": self.receipts,
-            "records": self.records,
-            "first_cycle": self.first_cycle,
-            "last_cycle": self.last_cycle,
-            "chain": self.verify.to_json() if self.verify else None,
-            "difference": self.difference.to_json() if self.difference else None,
-            "gone": str(self.gone) if self.gone else None,
-            "error": self.error,
-            "seconds": round(self.seconds, 3),
-        }
+        counts = ("shard", "status", "entries", "replayed", "receipts", "records", "first_cycle", "last_cycle")
+        out: dict[str, Any] = {"chain_id": self.chain_id, **{n: getattr(self, n) for n in counts}}
+        out["chain"] = self.verify.to_json() if self.verify else None
+        out["difference"] = self.difference.to_json() if self.difference else None
+        out["gone"] = str(self.gone) if self.gone else None
+        out["error"] = self.error
+        out["seconds"] = round(self.seconds, 3)
+        return out
 
 
 def audit_shard(
@@ -549,7 +519,7 @@ def _replay_range(
     entries = _readable_entries(store, report)
     start: int | None = first.entry.first_offset
     last_offset = last.entry.last_offset
-    processor = _processor(settings)
+    processor = settings.processor()
     source: Iterator[Record] | None = None
     try:
         while start is not None:
@@ -616,7 +586,7 @@ def _skip_gone(
 # -- export and import ----------------------------------------------------------------------
 
 JSON_KEYS = frozenset(STORED_FIELDS)
-INT_KEYS = ("shard", "cycle", "receipt_count", "first_offset", "last_offset", "committed_at_ms")
+INT_KEYS = STORED_INT_FIELDS
 
 
 def export_chain(
@@ -719,15 +689,7 @@ def _check_shard(
     store: LockchainStore, settings: ChainSettings, shard: int, items: list[tuple[int, CommittedEntry]]
 ) -> list[tuple[int, CommittedEntry]]:
     """Every check for one shard's lines; returns the lines to append."""
-    key = store.key(shard)
-    present: dict[int, bytes] = {}
-    for i in range(0, len(items), 1000):
-        pipe = store.client.pipeline(transaction=False)
-        for _, ce in items[i : i + 1000]:
-            pipe.hget(f"{key}:root:{ce.entry.cycle:020d}", "entry_hash")
-        for (_, ce), h in zip(items[i : i + 1000], pipe.execute(), strict=True):
-            if h is not None:
-                present[ce.entry.cycle] = bytes.fromhex(h.decode() if isinstance(h, bytes) else h)
+    present = store.entry_hashes(shard, (ce.entry.cycle for _, ce in items))
     head = store.head(shard)
     head_entry = store.get(shard, head.cycle) if head else None
     new: list[tuple[int, CommittedEntry]] = []

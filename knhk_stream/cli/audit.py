@@ -22,10 +22,11 @@ from knhk_stream.cli.common import (
     kafka_options,
     open_store,
     parse_kafka_config,
-    prefix_option,
-    redis_option,
+    range_options,
     resolve_topics,
     settings_option,
+    shard_option,
+    store_options,
 )
 from knhk_stream.protocol.settings import ChainSettings
 
@@ -65,9 +66,7 @@ def _log(
 
 
 @click.command()
-@settings_option
-@redis_option
-@prefix_option
+@store_options
 @kafka_options
 @click.option("--shard", type=int, required=True, help="The shard (partition of the deltas topic).")
 @click.option("--offset", type=int, required=True, help="The delta's offset in that partition.")
@@ -138,14 +137,11 @@ def verify_proof(bundle: IO[str], settings_path: Path, as_json: bool) -> None:
 
 
 @click.command()
-@settings_option
-@redis_option
-@prefix_option
+@store_options
 @kafka_options
 @click.option("--shard", type=int, multiple=True, help="Shard to audit (repeatable).")
 @click.option("--all-shards", is_flag=True, help="Audit every shard that has a chain in Redis.")
-@click.option("--from", "from_cycle", type=int, help="First cycle (inclusive).")
-@click.option("--to", "to_cycle", type=int, help="Last cycle (inclusive).")
+@range_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON report per shard instead of the table.")
 @fail_cleanly
 @_audit_errors
@@ -180,9 +176,7 @@ def audit(
         raise ExitWith(f"no chain {settings.chain_id!r} under Redis prefix {prefix!r}: nothing to audit", 1)
     reports = []
     for s in shards:
-        lo = "-inf" if from_cycle is None else from_cycle
-        hi = "+inf" if to_cycle is None else to_cycle
-        total = store.client.zcount(f"{store.key(s)}:cycles", lo, hi)
+        total = store.count(s, from_cycle, to_cycle)
         with click.progressbar(length=total, label=f"shard {s}", file=sys.stderr, show_pos=True) as bar:
             reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update))
     if as_json:
@@ -217,12 +211,9 @@ def _table(reports: list[AuditReport]) -> str:
 
 
 @click.command("export")
-@settings_option
-@redis_option
-@prefix_option
-@click.option("--shard", type=int, multiple=True, help="Shard(s); default: every shard with a head.")
-@click.option("--from", "from_cycle", type=int, help="First cycle (inclusive).")
-@click.option("--to", "to_cycle", type=int, help="Last cycle (inclusive).")
+@store_options
+@shard_option
+@range_options
 @click.option("--out", type=click.File("w", encoding="utf-8"), default="-", help="JSON Lines file (default: stdout).")
 @fail_cleanly
 @_audit_errors
@@ -239,9 +230,7 @@ def export(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, out) -
 
 @click.command("import")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
-@settings_option
-@redis_option
-@prefix_option
+@store_options
 @click.option("--dry-run", is_flag=True, help="Verify everything, write nothing.")
 @fail_cleanly
 @_audit_errors

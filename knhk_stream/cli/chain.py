@@ -7,16 +7,7 @@ import sys
 
 import click
 
-from knhk_stream.cli.common import (
-    fail_cleanly,
-    open_store,
-    prefix_option,
-    range_options,
-    redis_option,
-    settings_option,
-    shard_option,
-    shards_of,
-)
+from knhk_stream.cli.common import fail_cleanly, open_store, range_options, shard_option, shards_of, store_options
 from knhk_stream.protocol.settings import ChainSettings
 
 
@@ -26,9 +17,7 @@ def chain() -> None:
 
 
 @chain.command("show")
-@settings_option
-@redis_option
-@prefix_option
+@store_options
 @shard_option
 @range_options
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many entries per shard.")
@@ -59,9 +48,7 @@ def chain_show(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, li
 
 
 @chain.command("verify")
-@settings_option
-@redis_option
-@prefix_option
+@store_options
 @shard_option
 @range_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON report per shard.")

@@ -86,7 +86,7 @@ def shard_status(
     head = store.head(shard)
     if head is not None:
         st.head_cycle = head.cycle
-        st.entries = store.client.zcard(f"{store.key(shard)}:cycles")
+        st.entries = store.count(shard)
         ce = store.get(shard, head.cycle)
         if ce is not None:
             st.head_age_s = round(time.time() - ce.committed_at_ms / 1000, 1)

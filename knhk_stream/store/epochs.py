@@ -8,17 +8,13 @@ never overwritten (HSETNX).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from knhk_stream.errors import EpochError
 from knhk_stream.protocol.epochs import Epoch
+from knhk_stream.store.keys import epochs_key
+from knhk_stream.store.lockchain import LockchainStore, as_text
 
-if TYPE_CHECKING:
-    from knhk_stream.store.lockchain import LockchainStore
-
-
-def epochs_key(prefix: str, chain_id: str) -> str:
-    return f"{prefix}:epochs:{{{chain_id}}}"
+__all__ = ["epochs_key", "load_epochs", "store_epoch"]
 
 
 def store_epoch(store: LockchainStore, epoch: Epoch) -> bool:
@@ -33,7 +29,7 @@ def load_epochs(store: LockchainStore) -> tuple[list[Epoch], list[str]]:
     epochs: list[Epoch] = []
     findings: list[str] = []
     for field, value in sorted(raw.items()):
-        name = field.decode("utf-8", "replace") if isinstance(field, bytes) else str(field)
+        name = as_text(field)
         try:
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
             e = Epoch.from_json(json.loads(text), store.chain_id)

@@ -1,51 +1,76 @@
 """The lockchain in Redis: atomic appends, reads, and verification of ranges.
 
-Layout (protocol "Redis"): K = {prefix}:lockchain:{{chain_id}/{shard}}, with
-K:root:{cycle:020} (hash), K:cycles (sorted set) and K:head (hash). The braces
-are a Redis Cluster hash tag, so one shard's keys share a slot and the Lua
-append is atomic on a cluster as on a single server.
+The key layout (protocol "Redis") is in keys.py: K:root:{cycle:020} (hash),
+K:cycles (sorted set) and K:head (hash) under one hash tag per chain shard, so
+the Lua append is atomic on a cluster as on a single server.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import redis
 
 from knhk_stream.errors import ForkError, LockchainError, NotNextError
-from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key
+from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS
 from knhk_stream.protocol.quorum import QuorumCheck, check_quorum
 from knhk_stream.protocol.settings import ChainSettings
-
-ENTRY_FIELDS = (
-    "chain_id",
-    "shard",
-    "cycle",
-    "root",
-    "receipt_count",
-    "first_offset",
-    "last_offset",
-    "prev_entry_hash",
+from knhk_stream.store.keys import (
+    chain_key,
+    check_prefix,
+    checkpoint_key,
+    checkpoint_prefix,
+    cycle_of_entry_key,
+    cycles_key,
+    entry_key,
+    entry_pattern,
+    evidence_key,
+    head_key,
+    head_pattern,
+    published_key,
+    root_key,
+    shard_of_key,
+    stall_key,
 )
-STORED_FIELDS = (*ENTRY_FIELDS, "entry_hash", "votes", "committed_by", "committed_at_ms")
+
+__all__ = [
+    "STORED_FIELDS",
+    "Checkpoint",
+    "ForkError",
+    "Head",
+    "LockchainError",
+    "LockchainStore",
+    "NotNextError",
+    "Problem",
+    "VerifyReport",
+    "add_evidence",
+    "as_text",
+    "chain_key",
+    "check_entry",
+    "get_evidence",
+    "get_published",
+    "get_stall",
+    "load_checkpoint",
+    "peer_ids_with_checkpoints",
+    "root_key",
+    "save_checkpoint",
+    "set_published",
+    "set_stall",
+    "verify_range",
+]
+
 # Fields whose change only shows as an entry hash that no longer matches.
 HASHED_ONLY = ("root", "receipt_count", "first_offset", "last_offset")
-
-
-def chain_key(prefix: str, chain_id: str, shard: int) -> str:
-    if "{" in prefix or "}" in prefix:
-        raise ValueError(f"Redis prefix {prefix!r} must not contain braces (they mark the hash tag)")
-    return f"{prefix}:lockchain:{{{chain_id}/{shard}}}"
-
-
-def root_key(prefix: str, chain_id: str, shard: int, cycle: int) -> str:
-    return f"{chain_key(prefix, chain_id, shard)}:root:{cycle_key(cycle)}"
+# Entry fields that a check of their own can name (the others show only as HASHED_ONLY).
+NAMED_BY_CHECKS = tuple(f for f in ENTRY_FIELDS if f not in HASHED_ONLY)
 
 
 _APPEND = """
@@ -81,15 +106,20 @@ class Head:
     entry_hash: bytes
 
 
-def _text(v: Any) -> str:
+def as_text(v: Any) -> str:
+    """A Redis reply item (bytes unless the client decodes) as text."""
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _texts(got: dict[Any, Any]) -> dict[str, str]:
+    return {as_text(k): as_text(v) for k, v in got.items()}
 
 
 class LockchainStore:
     """One chain's entries in Redis (any shard), under a key prefix."""
 
     def __init__(self, client: redis.Redis, chain_id: str, prefix: str = "knhk") -> None:
-        chain_key(prefix, chain_id, 0)  # validates the prefix
+        check_prefix(prefix)
         self.client = client
         self.chain_id = chain_id
         self.prefix = prefix
@@ -116,7 +146,7 @@ class LockchainStore:
         for name in STORED_FIELDS:
             args += [name, fields[name]]
         try:
-            result = self._append(keys=[f"{k}:root:{cycle_key(e.cycle)}", f"{k}:cycles", f"{k}:head"], args=args)
+            result = self._append(keys=[entry_key(k, e.cycle), cycles_key(k), head_key(k)], args=args)
         except redis.ResponseError as err:
             msg = str(err)
             where = f"shard {e.shard} cycle {e.cycle}: "
@@ -125,29 +155,53 @@ class LockchainStore:
             if msg.startswith("NOTNEXT"):
                 raise NotNextError(where + msg[8:]) from None
             raise
-        return _text(result) == "appended"
+        return as_text(result) == "appended"
 
     # -- reading ------------------------------------------------------------------------
 
     def head(self, shard: int) -> Head | None:
-        cycle, h = self.client.hmget(f"{self.key(shard)}:head", "cycle", "entry_hash")
+        cycle, h = self.client.hmget(head_key(self.key(shard)), "cycle", "entry_hash")
         if h is None:
             return None
-        return Head(int(cycle), bytes.fromhex(_text(h)))
+        return Head(int(cycle), bytes.fromhex(as_text(h)))
 
     def raw(self, shard: int, cycle: int) -> dict[str, str]:
         """The stored hash of one cycle as text (empty when absent)."""
-        got = self.client.hgetall(f"{self.key(shard)}:root:{cycle_key(cycle)}")
-        return {_text(k): _text(v) for k, v in got.items()}
+        return _texts(self.client.hgetall(entry_key(self.key(shard), cycle)))
 
     def get(self, shard: int, cycle: int) -> CommittedEntry | None:
         raw = self.raw(shard, cycle)
         return CommittedEntry.from_mapping(raw) if raw else None
 
     def cycles(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> list[int]:
-        lo = "-inf" if from_cycle is None else from_cycle
-        hi = "+inf" if to_cycle is None else to_cycle
-        return [int(_text(m)) for m in self.client.zrangebyscore(f"{self.key(shard)}:cycles", lo, hi)]
+        lo, hi = _score_range(from_cycle, to_cycle)
+        return [int(as_text(m)) for m in self.client.zrangebyscore(cycles_key(self.key(shard)), lo, hi)]
+
+    def count(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> int:
+        """How many cycles the cycles set lists (in the range, if given)."""
+        if from_cycle is None and to_cycle is None:
+            return int(self.client.zcard(cycles_key(self.key(shard))))
+        return int(self.client.zcount(cycles_key(self.key(shard)), *_score_range(from_cycle, to_cycle)))
+
+    def cycle_at(self, shard: int, rank: int) -> int | None:
+        """The cycle at `rank` (0 = the oldest) of the cycles set, None past its end."""
+        got = self.client.zrange(cycles_key(self.key(shard)), rank, rank)
+        return int(as_text(got[0])) if got else None
+
+    def entry_hashes(self, shard: int, cycles: Iterable[int], batch: int = 1000) -> dict[int, bytes]:
+        """The stored entry_hash of each of `cycles` that has an entry, fetched in pipelined batches."""
+        k = self.key(shard)
+        wanted = list(cycles)
+        out: dict[int, bytes] = {}
+        for i in range(0, len(wanted), batch):
+            chunk = wanted[i : i + batch]
+            pipe = self.client.pipeline(transaction=False)
+            for c in chunk:
+                pipe.hget(entry_key(k, c), "entry_hash")
+            for c, h in zip(chunk, pipe.execute(), strict=True):
+                if h is not None:
+                    out[c] = bytes.fromhex(as_text(h))
+        return out
 
     def raw_range(
         self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None, batch: int = 500
@@ -159,36 +213,35 @@ class LockchainStore:
             chunk = cycles[i : i + batch]
             pipe = self.client.pipeline(transaction=False)
             for c in chunk:
-                pipe.hgetall(f"{k}:root:{cycle_key(c)}")
+                pipe.hgetall(entry_key(k, c))
             for c, got in zip(chunk, pipe.execute(), strict=True):
-                yield c, {_text(a): _text(b) for a, b in got.items()}
+                yield c, _texts(got)
 
     def range(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> list[CommittedEntry]:
         return [CommittedEntry.from_mapping(raw) for _, raw in self.raw_range(shard, from_cycle, to_cycle) if raw]
 
     def previous(self, shard: int, cycle: int) -> CommittedEntry | None:
         """The entry listed just before `cycle`, if any."""
-        got = self.client.zrevrangebyscore(f"{self.key(shard)}:cycles", f"({cycle}", "-inf", start=0, num=1)
-        return self.get(shard, int(_text(got[0]))) if got else None
+        got = self.client.zrevrangebyscore(cycles_key(self.key(shard)), f"({cycle}", "-inf", start=0, num=1)
+        return self.get(shard, int(as_text(got[0]))) if got else None
 
     def stored_cycles(self, shard: int) -> set[int]:
         """Cycles that have a root hash, found by SCAN (not trusting the sorted set)."""
-        pattern = f"{self.key(shard)}:root:*"
         out: set[int] = set()
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            tail = _text(key).rsplit(":", 1)[-1]
-            if tail.isdigit():
-                out.add(int(tail))
+        for key in self.client.scan_iter(match=entry_pattern(self.key(shard)), count=1000):
+            cycle = cycle_of_entry_key(as_text(key))
+            if cycle is not None:
+                out.add(cycle)
         return out
 
     def shards(self) -> list[int]:
         """Shards of this chain that have a head."""
-        pattern = f"{self.prefix}:lockchain:{{{self.chain_id}/*}}:head"
-        out = set()
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            tag = _text(key).split("{", 1)[1].split("}", 1)[0]
-            out.add(int(tag.rsplit("/", 1)[1]))
-        return sorted(out)
+        pattern = head_pattern(self.prefix, self.chain_id)
+        return sorted({shard_of_key(as_text(key)) for key in self.client.scan_iter(match=pattern, count=1000)})
+
+
+def _score_range(from_cycle: int | None, to_cycle: int | None) -> tuple[int | str, int | str]:
+    return ("-inf" if from_cycle is None else from_cycle), ("+inf" if to_cycle is None else to_cycle)
 
 
 # -- verification -------------------------------------------------------------------------
@@ -222,16 +275,10 @@ class VerifyReport:
         return not self.problems
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "chain_id": self.chain_id,
-            "shard": self.shard,
-            "ok": self.ok,
-            "entries": self.entries,
-            "first_cycle": self.first_cycle,
-            "last_cycle": self.last_cycle,
-            "head_cycle": self.head.cycle if self.head else None,
-            "problems": [{"cycle": p.cycle, "fields": list(p.fields), "message": p.message} for p in self.problems],
-        }
+        out = {n: getattr(self, n) for n in ("chain_id", "shard", "ok", "entries", "first_cycle", "last_cycle")}
+        out["head_cycle"] = self.head.cycle if self.head else None
+        out["problems"] = [{"cycle": p.cycle, "fields": list(p.fields), "message": p.message} for p in self.problems]
+        return out
 
 
 def check_entry(
@@ -283,7 +330,7 @@ def check_entry(
     recomputed = e.entry_hash
     if recomputed != ce.entry_hash:
         if quorum.valid:
-            named = [f for f in ("chain_id", "shard", "cycle", "prev_entry_hash") if any(f in p.fields for p in out)]
+            named = [f for f in NAMED_BY_CHECKS if any(f in p.fields for p in out)]
             suspects = tuple(named) or HASHED_ONLY
             bad(
                 suspects,
@@ -316,7 +363,7 @@ def check_entry(
 
 
 def _placeholder(name: str) -> str:
-    if name in ("root", "prev_entry_hash", "entry_hash"):
+    if name in (*ENTRY_HASH_FIELDS, "entry_hash"):
         return "00" * 32
     if name == "votes":
         return "[]"
@@ -325,7 +372,10 @@ def _placeholder(name: str) -> str:
     return "0"
 
 
-_POOL = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="knhk-verify")
+@cache
+def _pool() -> ThreadPoolExecutor:
+    """The threads that check signatures, started on the first verification (not at import)."""
+    return ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="knhk-verify")
 
 
 def _with_quorum_checks(
@@ -340,14 +390,18 @@ def _with_quorum_checks(
             return None  # check_entry reports what does not parse
         return check_quorum(ce.entry_hash, ce.votes, settings.epoch_for(ce.entry.cycle))
 
+    def checked(chunk: list[tuple[int, dict[str, str]]]) -> Iterator[tuple[int, dict[str, str], QuorumCheck | None]]:
+        for (cycle, raw), quorum in zip(chunk, _pool().map(check, (r for _, r in chunk)), strict=True):
+            yield cycle, raw, quorum
+
     chunk: list[tuple[int, dict[str, str]]] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) == batch:
-            yield from zip(*zip(*chunk, strict=True), _POOL.map(check, (r for _, r in chunk)), strict=True)
+            yield from checked(chunk)
             chunk = []
     if chunk:
-        yield from zip(*zip(*chunk, strict=True), _POOL.map(check, (r for _, r in chunk)), strict=True)
+        yield from checked(chunk)
 
 
 def verify_range(
@@ -421,10 +475,6 @@ class Checkpoint:
     updated_ms: int
 
 
-def _checkpoint_key(store: LockchainStore, peer_id: str, shard: int) -> str:
-    return f"{store.key(shard)}:peer:{peer_id}"
-
-
 def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpoint) -> None:
     """Only moves forward: a stale writer (e.g. a revoked worker) cannot move it back."""
     store.client.eval(
@@ -435,7 +485,7 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
         return 1
         """,
         1,
-        _checkpoint_key(store, peer_id, shard),
+        checkpoint_key(store.key(shard), peer_id),
         "next_offset",
         str(cp.next_offset),
         "entry_hash",
@@ -450,7 +500,7 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
 
 
 def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoint | None:
-    got = {_text(k): _text(v) for k, v in store.client.hgetall(_checkpoint_key(store, peer_id, shard)).items()}
+    got = _texts(store.client.hgetall(checkpoint_key(store.key(shard), peer_id)))
     if not got:
         return None
     return Checkpoint(
@@ -463,7 +513,7 @@ def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoi
 
 
 def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str = "", at_ms: int = 0) -> None:
-    key = f"{store.key(shard)}:stall"
+    key = stall_key(store.key(shard))
     if cycle is None:
         store.client.delete(key)
     else:
@@ -471,29 +521,28 @@ def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str 
 
 
 def get_stall(store: LockchainStore, shard: int) -> dict[str, str] | None:
-    got = store.client.hgetall(f"{store.key(shard)}:stall")
-    return {_text(k): _text(v) for k, v in got.items()} or None
+    return _texts(store.client.hgetall(stall_key(store.key(shard)))) or None
 
 
 def add_evidence(store: LockchainStore, shard: int, evidence: dict[str, Any]) -> None:
     """Equivocation evidence (both signed votes), kept once per peer and cycle."""
     field_name = f"{evidence['peer_id']}/{evidence['cycle']}"
-    store.client.hsetnx(f"{store.key(shard)}:evidence", field_name, json.dumps(evidence))
+    store.client.hsetnx(evidence_key(store.key(shard)), field_name, json.dumps(evidence))
 
 
 def get_evidence(store: LockchainStore, shard: int) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in store.client.hgetall(f"{store.key(shard)}:evidence").values()]
+    return [json.loads(v) for v in store.client.hgetall(evidence_key(store.key(shard))).values()]
 
 
 def peer_ids_with_checkpoints(store: LockchainStore, shard: int) -> list[str]:
-    prefix = f"{store.key(shard)}:peer:"
-    return sorted(_text(k)[len(prefix) :] for k in store.client.scan_iter(match=prefix + "*", count=1000))
+    prefix = checkpoint_prefix(store.key(shard))
+    return sorted(as_text(k)[len(prefix) :] for k in store.client.scan_iter(match=prefix + "*", count=1000))
 
 
 def get_published(store: LockchainStore, shard: int) -> int | None:
-    v = store.client.get(f"{store.key(shard)}:published")
+    v = store.client.get(published_key(store.key(shard)))
     return int(v) if v is not None else None
 
 
 def set_published(store: LockchainStore, shard: int, cycle: int) -> None:
-    store.client.set(f"{store.key(shard)}:published", str(cycle))
+    store.client.set(published_key(store.key(shard)), str(cycle))
