@@ -25,7 +25,8 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, NamedTuple
+from enum import Enum
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -54,6 +55,7 @@ from knhk_stream.store.lockchain import (
 )
 
 __all__ = [
+    "REDIS_DOWN",
     "REDIS_ERRORS",
     "Assignment",
     "Outbound",
@@ -70,6 +72,16 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
 MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard waiting for the published mark to reach them
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
+T = TypeVar("T")
+
+
+class Unreachable(Enum):
+    """What a Redis call through `PeerNode._redis` gives during an outage (None is a real answer of some reads)."""
+
+    REDIS_DOWN = "Redis is unreachable"
+
+
+REDIS_DOWN = Unreachable.REDIS_DOWN
 
 
 def now_ms() -> int:
@@ -295,7 +307,7 @@ class PeerNode:
             cp = Checkpoint(
                 point.next_offset, point.prev_entry_hash, point.last_cycle, self._votes_hint(shard), now_ms()
             )
-            if self._redis(save_checkpoint, self.store, self.peer_id, shard, cp) is False:
+            if self._redis(save_checkpoint, self.store, self.peer_id, shard, cp) is REDIS_DOWN:
                 return False
             del self._checkpoint_due[shard]
         return True
@@ -395,7 +407,7 @@ class PeerNode:
                 written = self.store.append(ce)
             except NotNextError:
                 head = self._redis(self.store.head, shard)
-                if head is False:
+                if head is REDIS_DOWN:
                     return False
                 if head is not None and head.cycle >= ce.entry.cycle:
                     self._advance(shard, head.cycle, head.entry_hash)
@@ -471,7 +483,7 @@ class PeerNode:
             if not acked:
                 continue
             mark = self._redis(get_published, self.store, shard)
-            if mark is False:
+            if mark is REDIS_DOWN:
                 return
             reached = mark
             for cycle in sorted(acked):
@@ -511,7 +523,7 @@ class PeerNode:
     def refresh_epochs(self) -> bool:
         """Adopt epochs applied in Redis since start, each verified from epoch 0; True when one was adopted."""
         found = self._redis(load_epochs, self.store)
-        if not isinstance(found, tuple):
+        if found is REDIS_DOWN:
             return False  # Redis is down: tried again later
         statements, findings = found
         for f in findings:
@@ -568,13 +580,13 @@ class PeerNode:
 
     # -- Redis availability -----------------------------------------------------------------
 
-    def _redis(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call a Redis operation; on an outage log once, return False, and retry later."""
+    def _redis(self, fn: Callable[..., T], *args: Any) -> T | Literal[Unreachable.REDIS_DOWN]:
+        """Call a Redis operation; on an outage log once and return REDIS_DOWN (the caller retries later)."""
         try:
             out = fn(*args)
         except REDIS_ERRORS as e:
             self._redis_unavailable(e)
-            return False
+            return REDIS_DOWN
         self._redis_available()
         return out
 
