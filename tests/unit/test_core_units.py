@@ -197,6 +197,10 @@ def test_parse_public_key_accepts_real_keys():
         pytest.param(f'chain_id = "{"x" * 65}"\n', "chain_id", id="long-chain-id"),
         pytest.param(f'chain_id = "{"é" * 33}"\n', "chain_id", id="chain-id-66-utf8-bytes"),
         pytest.param("chain_id = 7\n", "chain_id", id="chain-id-not-a-string"),
+        # Protocol "Chain settings": chain_id is 1..64 bytes of UTF-8 without {, } or / (it is in keys).
+        pytest.param('chain_id = "a/b"\n', "chain_id", id="chain-id-slash"),
+        pytest.param('chain_id = "{knhk}"\n', "chain_id", id="chain-id-braces"),
+        pytest.param('chain_id = "knhk}"\n', "chain_id", id="chain-id-closing-brace"),
         pytest.param("[start_offset]\nx = 1\n", "start_offset.x", id="start-offset-shard"),
         pytest.param("[start_offset]\n0 = -5\n", "start_offset.0", id="start-offset-negative"),
         pytest.param("start_offset = 3\n", "start_offset", id="start-offset-not-a-table"),
@@ -280,6 +284,20 @@ def test_settings_to_toml_round_trip(tmp_path, kw):
 
 def test_settings_to_toml_round_trip_astral_chain_id(tmp_path):
     s = _settings(chain_id="chain-\U0001f600")
+    again = ChainSettings.from_toml(_write(tmp_path, s.to_toml()))
+    assert again == s
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        pytest.param({"chain_id": "chain\x7f"}, id="chain-id"),
+        pytest.param({"peers": (Peer("peer\x7f", PUBS["peer-a"]),), "threshold": 1}, id="peer-id"),
+    ],
+)
+def test_settings_to_toml_round_trip_delete_character(tmp_path, kw):
+    """U+007F is a valid id character, but TOML must escape it in a basic string."""
+    s = _settings(**kw) if "peers" not in kw else ChainSettings(**kw)
     again = ChainSettings.from_toml(_write(tmp_path, s.to_toml()))
     assert again == s
 
