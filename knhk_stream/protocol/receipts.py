@@ -142,35 +142,14 @@ class DeltaProcessor:
         return Outcome(APPLIED, lanes, H(actions), delta_hash)
 
     def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes:
-        if self._canonical and value:  # the hot path, without the Outcome (same bytes)
-            delta = decode_valid(value, self.max_triples)
-            if delta is not None:
-                lanes, actions = canonical_encoded(delta)
-                return _PACK(
-                    RECEIPT_VERSION,
-                    shard,
-                    cycle,
-                    tick,
-                    offset,
-                    APPLIED,
-                    lanes,
-                    self.hook_id,
-                    _blake3(value).digest(),
-                    _blake3(actions).digest(),
-                )
-        o = self.outcome(value)
-        return _PACK(
-            RECEIPT_VERSION,
-            shard,
-            cycle,
-            tick,
-            offset,
-            o.status,
-            o.lanes,
-            self.hook_id,
-            o.delta_hash,
-            o.a_hash,
-        )
+        delta = decode_valid(value, self.max_triples) if self._canonical and value else None
+        if delta is not None:  # the hot path, without the Outcome (same bytes)
+            lanes, actions = canonical_encoded(delta)
+            status, delta_hash, a_hash = APPLIED, _blake3(value).digest(), _blake3(actions).digest()
+        else:
+            o = self.outcome(value)
+            status, lanes, delta_hash, a_hash = o.status, o.lanes, o.delta_hash, o.a_hash
+        return _PACK(RECEIPT_VERSION, shard, cycle, tick, offset, status, lanes, self.hook_id, delta_hash, a_hash)
 
 
 _CODE_BY_A_HASH: dict[bytes, str] = {}

@@ -10,27 +10,55 @@ as on a single server. Under K: `root:{cycle:020}` (hash, one entry),
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from knhk_stream.protocol.encoding import cycle_key
 
 __all__ = [
+    "ShardKeys",
     "chain_key",
     "check_prefix",
-    "checkpoint_key",
-    "checkpoint_prefix",
     "cycle_of_entry_key",
-    "cycles_key",
-    "entry_key",
-    "entry_pattern",
-    "entry_prefix",
     "epochs_key",
-    "evidence_key",
-    "head_key",
     "head_pattern",
-    "published_key",
     "root_key",
+    "shard_keys",
     "shard_of_key",
-    "stall_key",
 ]
+
+ENTRY_PART = "root"  # K:root:{cycle:020}
+CHECKPOINT_PART = "peer"  # K:peer:{peer_id}
+
+
+class ShardKeys(NamedTuple):
+    """Every key of one chain shard: K, and under it (each field's name is its key's last part) ..."""
+
+    k: str
+    cycles: str  # sorted set: member {cycle:020}, score cycle
+    head: str  # hash: cycle, entry_hash of the newest entry
+    stall: str  # hash: why the shard's committed chain stopped
+    evidence: str  # hash: equivocation evidence, one field per peer and cycle
+    published: str  # the cycle up to which every committed root is on the roots topic
+
+    @classmethod
+    def under(cls, k: str) -> ShardKeys:
+        return cls(k, *(f"{k}:{part}" for part in cls._fields[1:]))
+
+    def entry(self, cycle: int) -> str:
+        """K:root:{cycle:020}, the hash of one committed entry."""
+        return self.entry_prefix + cycle_key(cycle)
+
+    @property
+    def entry_prefix(self) -> str:
+        return f"{self.k}:{ENTRY_PART}:"
+
+    def checkpoint(self, peer_id: str) -> str:
+        """A peer's progress on the shard (its resume point)."""
+        return self.checkpoint_prefix + peer_id
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return f"{self.k}:{CHECKPOINT_PART}:"
 
 
 def check_prefix(prefix: str) -> str:
@@ -44,75 +72,34 @@ def chain_key(prefix: str, chain_id: str, shard: int | str) -> str:
     return f"{check_prefix(prefix)}:lockchain:{{{chain_id}/{shard}}}"
 
 
-def entry_prefix(k: str) -> str:
-    return f"{k}:root:"
-
-
-def entry_key(k: str, cycle: int) -> str:
-    """`K:root:{cycle:020}`, the hash of one committed entry."""
-    return entry_prefix(k) + cycle_key(cycle)
+def shard_keys(prefix: str, chain_id: str, shard: int) -> ShardKeys:
+    return ShardKeys.under(chain_key(prefix, chain_id, shard))
 
 
 def root_key(prefix: str, chain_id: str, shard: int, cycle: int) -> str:
-    return entry_key(chain_key(prefix, chain_id, shard), cycle)
-
-
-def cycles_key(k: str) -> str:
-    """`K:cycles`: member `{cycle:020}`, score cycle."""
-    return f"{k}:cycles"
-
-
-def head_key(k: str) -> str:
-    """`K:head`: `cycle entry_hash` of the newest entry."""
-    return f"{k}:head"
-
-
-def checkpoint_prefix(k: str) -> str:
-    return f"{k}:peer:"
-
-
-def checkpoint_key(k: str, peer_id: str) -> str:
-    """A peer's progress on the shard (its resume point)."""
-    return checkpoint_prefix(k) + peer_id
-
-
-def stall_key(k: str) -> str:
-    return f"{k}:stall"
-
-
-def evidence_key(k: str) -> str:
-    return f"{k}:evidence"
-
-
-def published_key(k: str) -> str:
-    """The cycle up to which every committed root is on the roots topic."""
-    return f"{k}:published"
+    return shard_keys(prefix, chain_id, shard).entry(cycle)
 
 
 def epochs_key(prefix: str, chain_id: str) -> str:
-    """`{prefix}:epochs:{{chain_id}}`: field the epoch number in decimal, value its JSON."""
+    """{prefix}:epochs:{{chain_id}}: field the epoch number in decimal, value its JSON."""
     return f"{check_prefix(prefix)}:epochs:{{{chain_id}}}"
 
 
-# -- finding keys by SCAN -----------------------------------------------------------------
-
-
-def entry_pattern(k: str) -> str:
-    return entry_prefix(k) + "*"
-
-
-def cycle_of_entry_key(key: str) -> int | None:
-    """The cycle of a key matched by `entry_pattern`, None if its tail is not a cycle."""
-    tail = key.rsplit(":", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+# -- reading keys found by SCAN -----------------------------------------------------------
 
 
 def head_pattern(prefix: str, chain_id: str) -> str:
     """The heads of every shard of a chain (a glob, for SCAN)."""
-    return head_key(chain_key(prefix, chain_id, "*"))
+    return ShardKeys.under(chain_key(prefix, chain_id, "*")).head
 
 
 def shard_of_key(key: str) -> int:
     """The shard named in the hash tag of any key under K."""
     tag = key.split("{", 1)[1].split("}", 1)[0]
     return int(tag.rsplit("/", 1)[1])
+
+
+def cycle_of_entry_key(key: str) -> int | None:
+    """The cycle of a key that matched `entry_prefix + "*"`, None if its tail is not a cycle."""
+    tail = key.rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else None

@@ -24,21 +24,14 @@ from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS
 from knhk_stream.protocol.quorum import QuorumCheck, check_quorum
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.keys import (
+    ShardKeys,
     chain_key,
     check_prefix,
-    checkpoint_key,
-    checkpoint_prefix,
     cycle_of_entry_key,
-    cycles_key,
-    entry_key,
-    entry_pattern,
-    evidence_key,
-    head_key,
     head_pattern,
-    published_key,
     root_key,
+    shard_keys,
     shard_of_key,
-    stall_key,
 )
 
 __all__ = [
@@ -124,6 +117,7 @@ class LockchainStore:
         self.chain_id = chain_id
         self.prefix = prefix
         self._append = client.register_script(_APPEND)
+        self._keys: dict[int, ShardKeys] = {}
 
     @classmethod
     def from_url(cls, url: str, chain_id: str, prefix: str = "knhk", **kwargs: Any) -> LockchainStore:
@@ -131,7 +125,15 @@ class LockchainStore:
         return cls(redis.Redis.from_url(url, **kwargs), chain_id, prefix)
 
     def key(self, shard: int) -> str:
-        return chain_key(self.prefix, self.chain_id, shard)
+        """K of a shard (protocol "Redis")."""
+        return self.keys(shard).k
+
+    def keys(self, shard: int) -> ShardKeys:
+        """Every key of a shard."""
+        got = self._keys.get(shard)
+        if got is None:
+            got = self._keys[shard] = shard_keys(self.prefix, self.chain_id, shard)
+        return got
 
     # -- writing ------------------------------------------------------------------------
 
@@ -140,13 +142,13 @@ class LockchainStore:
         e = committed.entry
         if e.chain_id != self.chain_id:
             raise LockchainError(f"entry of chain {e.chain_id!r} given to the store of {self.chain_id!r}")
-        k = self.key(e.shard)
+        k = self.keys(e.shard)
         fields = committed.to_redis()
         args: list[str] = [str(e.cycle), cycle_key(e.cycle), fields["entry_hash"], fields["prev_entry_hash"]]
         for name in STORED_FIELDS:
             args += [name, fields[name]]
         try:
-            result = self._append(keys=[entry_key(k, e.cycle), cycles_key(k), head_key(k)], args=args)
+            result = self._append(keys=[k.entry(e.cycle), k.cycles, k.head], args=args)
         except redis.ResponseError as err:
             msg = str(err)
             where = f"shard {e.shard} cycle {e.cycle}: "
@@ -160,14 +162,14 @@ class LockchainStore:
     # -- reading ------------------------------------------------------------------------
 
     def head(self, shard: int) -> Head | None:
-        cycle, h = self.client.hmget(head_key(self.key(shard)), "cycle", "entry_hash")
+        cycle, h = self.client.hmget(self.keys(shard).head, "cycle", "entry_hash")
         if h is None:
             return None
         return Head(int(cycle), bytes.fromhex(as_text(h)))
 
     def raw(self, shard: int, cycle: int) -> dict[str, str]:
         """The stored hash of one cycle as text (empty when absent)."""
-        return _texts(self.client.hgetall(entry_key(self.key(shard), cycle)))
+        return _texts(self.client.hgetall(self.keys(shard).entry(cycle)))
 
     def get(self, shard: int, cycle: int) -> CommittedEntry | None:
         raw = self.raw(shard, cycle)
@@ -175,29 +177,29 @@ class LockchainStore:
 
     def cycles(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> list[int]:
         lo, hi = _score_range(from_cycle, to_cycle)
-        return [int(as_text(m)) for m in self.client.zrangebyscore(cycles_key(self.key(shard)), lo, hi)]
+        return [int(as_text(m)) for m in self.client.zrangebyscore(self.keys(shard).cycles, lo, hi)]
 
     def count(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> int:
         """How many cycles the cycles set lists (in the range, if given)."""
         if from_cycle is None and to_cycle is None:
-            return int(self.client.zcard(cycles_key(self.key(shard))))
-        return int(self.client.zcount(cycles_key(self.key(shard)), *_score_range(from_cycle, to_cycle)))
+            return int(self.client.zcard(self.keys(shard).cycles))
+        return int(self.client.zcount(self.keys(shard).cycles, *_score_range(from_cycle, to_cycle)))
 
     def cycle_at(self, shard: int, rank: int) -> int | None:
         """The cycle at `rank` (0 = the oldest) of the cycles set, None past its end."""
-        got = self.client.zrange(cycles_key(self.key(shard)), rank, rank)
+        got = self.client.zrange(self.keys(shard).cycles, rank, rank)
         return int(as_text(got[0])) if got else None
 
     def entry_hashes(self, shard: int, cycles: Iterable[int], batch: int = 1000) -> dict[int, bytes]:
         """The stored entry_hash of each of `cycles` that has an entry, fetched in pipelined batches."""
-        k = self.key(shard)
+        k = self.keys(shard)
         wanted = list(cycles)
         out: dict[int, bytes] = {}
         for i in range(0, len(wanted), batch):
             chunk = wanted[i : i + batch]
             pipe = self.client.pipeline(transaction=False)
             for c in chunk:
-                pipe.hget(entry_key(k, c), "entry_hash")
+                pipe.hget(k.entry(c), "entry_hash")
             for c, h in zip(chunk, pipe.execute(), strict=True):
                 if h is not None:
                     out[c] = bytes.fromhex(as_text(h))
@@ -208,12 +210,12 @@ class LockchainStore:
     ) -> Iterator[tuple[int, dict[str, str]]]:
         """(cycle, stored hash) for each listed cycle in order, fetched in pipelined batches."""
         cycles = self.cycles(shard, from_cycle, to_cycle)
-        k = self.key(shard)
+        k = self.keys(shard)
         for i in range(0, len(cycles), batch):
             chunk = cycles[i : i + batch]
             pipe = self.client.pipeline(transaction=False)
             for c in chunk:
-                pipe.hgetall(entry_key(k, c))
+                pipe.hgetall(k.entry(c))
             for c, got in zip(chunk, pipe.execute(), strict=True):
                 yield c, _texts(got)
 
@@ -222,13 +224,13 @@ class LockchainStore:
 
     def previous(self, shard: int, cycle: int) -> CommittedEntry | None:
         """The entry listed just before `cycle`, if any."""
-        got = self.client.zrevrangebyscore(cycles_key(self.key(shard)), f"({cycle}", "-inf", start=0, num=1)
+        got = self.client.zrevrangebyscore(self.keys(shard).cycles, f"({cycle}", "-inf", start=0, num=1)
         return self.get(shard, int(as_text(got[0]))) if got else None
 
     def stored_cycles(self, shard: int) -> set[int]:
         """Cycles that have a root hash, found by SCAN (not trusting the sorted set)."""
         out: set[int] = set()
-        for key in self.client.scan_iter(match=entry_pattern(self.key(shard)), count=1000):
+        for key in self.client.scan_iter(match=self.keys(shard).entry_prefix + "*", count=1000):
             cycle = cycle_of_entry_key(as_text(key))
             if cycle is not None:
                 out.add(cycle)
@@ -485,7 +487,7 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
         return 1
         """,
         1,
-        checkpoint_key(store.key(shard), peer_id),
+        store.keys(shard).checkpoint(peer_id),
         "next_offset",
         str(cp.next_offset),
         "entry_hash",
@@ -500,7 +502,7 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
 
 
 def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoint | None:
-    got = _texts(store.client.hgetall(checkpoint_key(store.key(shard), peer_id)))
+    got = _texts(store.client.hgetall(store.keys(shard).checkpoint(peer_id)))
     if not got:
         return None
     return Checkpoint(
@@ -513,7 +515,7 @@ def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoi
 
 
 def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str = "", at_ms: int = 0) -> None:
-    key = stall_key(store.key(shard))
+    key = store.keys(shard).stall
     if cycle is None:
         store.client.delete(key)
     else:
@@ -521,28 +523,28 @@ def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str 
 
 
 def get_stall(store: LockchainStore, shard: int) -> dict[str, str] | None:
-    return _texts(store.client.hgetall(stall_key(store.key(shard)))) or None
+    return _texts(store.client.hgetall(store.keys(shard).stall)) or None
 
 
 def add_evidence(store: LockchainStore, shard: int, evidence: dict[str, Any]) -> None:
     """Equivocation evidence (both signed votes), kept once per peer and cycle."""
     field_name = f"{evidence['peer_id']}/{evidence['cycle']}"
-    store.client.hsetnx(evidence_key(store.key(shard)), field_name, json.dumps(evidence))
+    store.client.hsetnx(store.keys(shard).evidence, field_name, json.dumps(evidence))
 
 
 def get_evidence(store: LockchainStore, shard: int) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in store.client.hgetall(evidence_key(store.key(shard))).values()]
+    return [json.loads(v) for v in store.client.hgetall(store.keys(shard).evidence).values()]
 
 
 def peer_ids_with_checkpoints(store: LockchainStore, shard: int) -> list[str]:
-    prefix = checkpoint_prefix(store.key(shard))
+    prefix = store.keys(shard).checkpoint_prefix
     return sorted(as_text(k)[len(prefix) :] for k in store.client.scan_iter(match=prefix + "*", count=1000))
 
 
 def get_published(store: LockchainStore, shard: int) -> int | None:
-    v = store.client.get(published_key(store.key(shard)))
+    v = store.client.get(store.keys(shard).published)
     return int(v) if v is not None else None
 
 
 def set_published(store: LockchainStore, shard: int, cycle: int) -> None:
-    store.client.set(published_key(store.key(shard)), str(cycle))
+    store.client.set(store.keys(shard).published, str(cycle))
