@@ -44,3 +44,27 @@ def test_import_contract_fails_when_the_protocol_imports_redis(tmp_path: Path) -
     assert done.returncode != 0, done.stdout + done.stderr
     assert "knhk_stream.protocol is not allowed to import redis" in done.stdout, done.stdout
     assert "knhk_stream.protocol.encoding -> redis" in done.stdout, done.stdout
+
+
+def test_no_module_makes_threads_or_executors_at_import() -> None:
+    """No work at import time: e.g. the verification thread pool is made on the first verification."""
+    code = """
+import concurrent.futures, importlib, pkgutil, threading
+import knhk_stream
+found = []
+for m in pkgutil.walk_packages(knhk_stream.__path__, "knhk_stream."):
+    if m.name.endswith("__main__"):
+        continue
+    try:
+        module = importlib.import_module(m.name)
+    except ImportError:
+        continue  # an extra that is not installed
+    found += [f"{m.name}.{k}" for k, v in vars(module).items()
+              if isinstance(v, (concurrent.futures.Executor, threading.Thread))]
+assert not found, found
+assert [t.name for t in threading.enumerate()] == ["MainThread"], threading.enumerate()
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
