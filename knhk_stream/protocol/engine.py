@@ -152,7 +152,10 @@ class PeerEngine:
         entry = entry_for_beat(self.settings.chain_id, beat, state.prev_entry_hash)
         lc = state.last_committed
         # behind the committed chain: the next beat follows the committed entry of this cycle
-        state.prev_entry_hash = lc[1] if lc is not None and lc[0] == beat.cycle else entry.entry_hash
+        behind = lc is not None and lc[0] == beat.cycle
+        if behind and entry.entry_hash != lc[1]:
+            state.dissents += 1  # its vote for a cycle already committed as another entry
+        state.prev_entry_hash = lc[1] if behind else entry.entry_hash
         state.last_beat = beat
         if lc is None or beat.cycle > lc[0]:
             state.recent[beat.cycle] = entry

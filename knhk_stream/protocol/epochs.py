@@ -80,7 +80,7 @@ class Epoch:
     hook_entrypoint: str | None = field(default=None, compare=False)  # local: how to load the hook; not hashed
 
     def __post_init__(self) -> None:
-        ordered = tuple(sorted(self.peers, key=lambda p: p.id.encode("utf-8")))
+        ordered = tuple(sorted(self.peers, key=lambda p: p.id.encode("utf-8", "surrogatepass")))
         object.__setattr__(self, "peers", ordered)
 
     @cached_property
@@ -186,6 +186,8 @@ class Epoch:
         in what a settings table may leave out."""
         if not isinstance(data, Mapping):
             raise EpochError("an epoch statement must be a JSON object")
+        if _has_lone_surrogate(data):
+            raise EpochError("a string of the statement holds a lone surrogate: it is not UTF-8")
         known = {*EPOCH_FIELDS, "hook_entrypoint"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -247,6 +249,20 @@ class Epoch:
                 "the statement was changed after it was proposed"
             )
         return e
+
+
+def _has_lone_surrogate(v: Any) -> bool:
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(v, Mapping):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(x) for k, x in v.items())
+    if isinstance(v, list):
+        return any(_has_lone_surrogate(x) for x in v)
+    return False
 
 
 def _utf8(text: str) -> bytes:

@@ -76,8 +76,12 @@ class ChainSettings:
     def with_epochs(self, more: Iterable[Epoch]) -> ChainSettings:
         """These settings with more epoch statements (e.g. read from Redis); duplicates are dropped."""
         have = {e.epoch_hash for e in self.epochs}
-        extra = tuple(e for e in more if e.epoch_hash not in have and e.number > 0)
-        return replace(self, epochs=self.epochs + extra) if extra else self
+        extra: list[Epoch] = []
+        for e in more:
+            if e.epoch_hash not in have and e.number > 0:
+                have.add(e.epoch_hash)
+                extra.append(e)
+        return replace(self, epochs=self.epochs + tuple(extra)) if extra else self
 
     def processor(self) -> DeltaProcessor | EpochProcessor:
         """What turns a delta into its receipt: one processor, or one per epoch when there are several."""
@@ -131,6 +135,8 @@ class ChainSettings:
         chain_id = data.get("chain_id", "knhk")
         if not isinstance(chain_id, str) or not 1 <= len(chain_id.encode("utf-8")) <= 64:
             raise fail("chain_id", "must be a string of 1 to 64 UTF-8 bytes")
+        if any(c in chain_id for c in "{}/"):
+            raise fail("chain_id", f"{chain_id!r} must not contain {{, }} or / (they are part of the Redis keys)")
 
         def positive(name: str, default: int, top: int) -> int:
             v = data.get(name, default)
@@ -211,17 +217,17 @@ class ChainSettings:
                     raise fail(f"epochs[{i}].hook_entrypoint", str(err)) from None
             epochs.append(e)
         settings = cls(tuple(peers), threshold, chain_id, tick_ms, max_triples, hook, entrypoint, starts, tuple(epochs))
-        for e, why in settings.epoch_chain.refused:
-            raise fail(f"epochs (epoch {e.number})", f"not accepted from epoch 0: {'; '.join(why)}")
         for f in settings.epoch_chain.forks:
             raise fail("epochs", f"two different valid statements for epoch {f.number}: the epochs are forked")
+        for e, why in settings.epoch_chain.refused:
+            raise fail(f"epochs (epoch {e.number})", f"not accepted from epoch 0: {'; '.join(why)}")
         return settings
 
     def to_toml(self) -> str:
         """The settings as TOML (what `knhk-stream` writes for demos)."""
 
         def q(text: str) -> str:  # JSON strings are TOML basic strings when non-ASCII stays literal
-            return json.dumps(text, ensure_ascii=False)
+            return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")  # TOML forbids a raw DEL
 
         lines = [
             f"chain_id = {q(self.chain_id)}",
