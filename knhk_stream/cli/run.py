@@ -51,6 +51,15 @@ from knhk_stream.protocol.settings import ChainSettings
 @click.option("--session-timeout-ms", type=int, default=10_000, show_default=True, envvar="KNHK_SESSION_TIMEOUT_MS")
 @click.option("--no-markers", is_flag=True, help="Do not write tick markers into idle shards.")
 @click.option(
+    "--allow-producer-timestamps",
+    is_flag=True,
+    envvar="KNHK_ALLOW_PRODUCER_TIMESTAMPS",
+    help="Run even if the deltas topic's message.timestamp.type is not LogAppendTime, so producers' clocks drive "
+    "the beats. Only for a development broker whose producers are trusted: the embedded Tansu broker (`dev`, "
+    "`demo`) ignores the setting. Without it the worker refuses such a topic "
+    "(env KNHK_ALLOW_PRODUCER_TIMESTAMPS).",
+)
+@click.option(
     "--otel",
     type=click.Choice(["off", "console", "otlp"]),
     default=None,
@@ -72,6 +81,7 @@ def worker(
     group_id,
     session_timeout_ms,
     no_markers,
+    allow_producer_timestamps,
     otel,
     log_level,
 ) -> None:
@@ -101,6 +111,7 @@ def worker(
         group_id=group_id,
         session_timeout_ms=session_timeout_ms,
         markers=not no_markers,
+        allow_producer_timestamps=allow_producer_timestamps,
     )
     try:
         w = Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel))
@@ -167,7 +178,10 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
         click.echo(f"Kafka (Tansu, memory only): {broker.bootstrap}")
         click.echo(f"Redis: {url}")
         click.echo(f"Topics: {', '.join(t.name for t in topics.all())} ({partitions} partitions)")
-        click.echo(f"export KNHK_BOOTSTRAP={broker.bootstrap} KNHK_REDIS={url}")
+        # Tansu ignores message.timestamp.type (its records keep the producers' timestamps),
+        # so workers on it run with --allow-producer-timestamps: here, through the environment.
+        click.echo(f"export KNHK_BOOTSTRAP={broker.bootstrap} KNHK_REDIS={url} KNHK_ALLOW_PRODUCER_TIMESTAMPS=1")
+        click.echo("(Tansu ignores LogAppendTime, so workers on it need --allow-producer-timestamps, set above.)")
         click.echo("Ctrl-C stops everything.")
         try:
             while True:

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ import faust
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faust.types import TP
 
+from knhk_stream.errors import MissingExtra
 from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.quorum import Vote
@@ -61,7 +62,7 @@ from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.node import Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
 from knhk_stream.runtime.telemetry import Telemetry
 
-__all__ = ["FaustPeer", "add_peer", "record_of"]
+__all__ = ["FaustPeer", "add_peer", "bootstrap_of", "record_of"]
 
 log = logging.getLogger("knhk_stream.integrations.faust")
 
@@ -71,7 +72,8 @@ def record_of(message: Any) -> Record:
 
     Faust keeps Kafka's millisecond timestamp as float seconds; `round` gives the
     milliseconds back exactly (the float error is far below half a millisecond).
-    A record without a timestamp gets -1, as confluent-kafka reports it.
+    A record without a timestamp gets -1, as confluent-kafka reports it; like every
+    negative timestamp it counts as 0 (protocol "Beats"), as in the worker.
     """
     ts = message.timestamp
     ms = -1 if ts is None else round(ts * 1000)
@@ -455,17 +457,44 @@ def add_peer(
     telemetry: Telemetry | None = None,
     markers: bool = True,
     commit_offsets: bool = True,
+    allow_producer_timestamps: bool = False,
+    kafka_config: Mapping[str, str] | None = None,
 ) -> FaustPeer:
     """Make `app` a knhk-stream peer: agents on the deltas and votes topics, a timer, rebalance hooks.
 
     Call before the app starts. One app (one Faust consumer group) is one peer; name
     it `knhk.{chain_id}.{peer_id}` for `knhk-stream status` to show its lag. The
     topics must exist (`knhk-stream topics apply`), with the same partition count.
+
+    Like the worker, it refuses (TopicsError) a deltas topic whose
+    `message.timestamp.type` is not LogAppendTime (protocol "Beats"), unless
+    `allow_producer_timestamps` (a development broker whose producers are trusted,
+    such as the embedded Tansu, which ignores the setting). The check asks the app's
+    brokers with confluent-kafka (the `kafka` extra); `kafka_config` holds that
+    client's security settings (librdkafka names) when the brokers need them.
     """
     if str(getattr(app.conf.processing_guarantee, "value", app.conf.processing_guarantee)) == "exactly_once":
         raise ValueError(
             "add_peer needs processing_guarantee='at_least_once': the peer's votes must reach the votes "
             "topic before its checkpoint moves, not when a Faust transaction commits"
         )
+    topics = topics or load_topics()
+    if allow_producer_timestamps:
+        log.warning(
+            "allow_producer_timestamps: not checking that %s uses LogAppendTime; producers' timestamps drive the "
+            "beats (only for a development broker whose producers are trusted)",
+            topics.deltas.name,
+        )
+    else:
+        try:
+            from knhk_stream.kafka.admin import require_log_append_time
+        except ImportError:
+            raise MissingExtra("add_peer's LogAppendTime check of the deltas topic", "kafka") from None
+        require_log_append_time(bootstrap_of(app), topics.deltas.name, kafka_config)
     node = PeerNode.connect(settings, peer_id, key, redis_url, prefix, telemetry)
-    return FaustPeer(app, node, topics or load_topics(), markers=markers, commit_offsets=commit_offsets)
+    return FaustPeer(app, node, topics, markers=markers, commit_offsets=commit_offsets)
+
+
+def bootstrap_of(app: faust.App) -> str:
+    """The app's brokers as a bootstrap list: `kafka://h1:9092;h2` -> `h1:9092,h2:9092`."""
+    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)

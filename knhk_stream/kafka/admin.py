@@ -22,7 +22,20 @@ from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, C
 from knhk_stream.errors import TopicsError
 from knhk_stream.kafka.topics import Topics, TopicSpec
 
-__all__ = ["Admin", "ClientLog", "TopicResult", "TopicsError", "apply_topics", "create_topics", "partition_counts"]
+__all__ = [
+    "LOG_APPEND_TIME",
+    "TIMESTAMP_TYPE",
+    "Admin",
+    "ClientLog",
+    "TopicResult",
+    "TopicsError",
+    "apply_topics",
+    "create_topics",
+    "log_append_time_problem",
+    "partition_counts",
+    "require_log_append_time",
+    "topic_configs",
+]
 
 CREATED, OK, MISSING, DISAGREES = "created", "ok", "missing", "disagrees"
 
@@ -262,3 +275,74 @@ def create_topics(
         TopicSpec(name, "", parts, {k: str(v) for k, v in config.items()}) for name, (parts, config) in topics.items()
     ]
     apply_topics(bootstrap, specs, kafka_config, timeout=timeout)
+
+
+# -- LogAppendTime (protocol "Beats") ---------------------------------------------------------
+
+TIMESTAMP_TYPE = "message.timestamp.type"
+LOG_APPEND_TIME = "LogAppendTime"
+
+
+def log_append_time_problem(
+    topic: str, found: Mapping[str, str | None] | BaseException | None, bootstrap: str = "BOOTSTRAP"
+) -> str | None:
+    """Why a worker must not run on the deltas topic `topic`, as one line with the fix; None if it may.
+
+    `found` is what DescribeConfigs said of the topic: its configs (name -> value), the
+    exception it raised, or None when the topic does not exist. Only LogAppendTime
+    passes: the broker's clock, not a producer's, must drive the beats. A value the
+    broker does not report (Tansu reports only keys set at creation) is no proof.
+    """
+    fix = (
+        f"Fix: kafka-configs --bootstrap-server {bootstrap} --alter --entity-type topics --entity-name {topic} "
+        f"--add-config {TIMESTAMP_TYPE}={LOG_APPEND_TIME} (or `knhk-stream topics apply --fix-config`), "
+        "or, on a development broker whose producers are trusted, start the worker with --allow-producer-timestamps"
+    )
+    if found is None:
+        return f"deltas topic {topic!r} does not exist; run `knhk-stream topics apply` to create it"
+    if isinstance(found, BaseException):
+        err = found.args[0] if isinstance(found, KafkaException) and found.args else found
+        why = err.str() if isinstance(err, KafkaError) else str(err) or type(err).__name__
+        return (
+            f"cannot read {TIMESTAMP_TYPE} of deltas topic {topic!r} from {bootstrap} ({why}); a worker runs only "
+            f"on a {LOG_APPEND_TIME} topic (protocol, Beats). Fix: check --bootstrap and --kafka-config (the client "
+            "needs DescribeConfigs on the topic), or, on a development broker whose producers are trusted, start "
+            "the worker with --allow-producer-timestamps"
+        )
+    value = found.get(TIMESTAMP_TYPE)
+    if value == LOG_APPEND_TIME:
+        return None
+    now = f"does not report {TIMESTAMP_TYPE}" if value is None else f"has {TIMESTAMP_TYPE}={value}"
+    return (
+        f"deltas topic {topic!r} {now}, not {LOG_APPEND_TIME}: producers' clocks would drive the beats "
+        f"(protocol, Beats). {fix}"
+    )
+
+
+def topic_configs(admin: Admin, topic: str, timeout: float = 10.0) -> dict[str, str | None] | BaseException | None:
+    """The topic's configs as DescribeConfigs reports them, the exception it raised, or None: no such topic."""
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    try:
+        entries = admin.client.describe_configs([resource], request_timeout=timeout)[resource].result(timeout=timeout)
+    except KafkaException as e:
+        if e.args and isinstance(e.args[0], KafkaError) and e.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return None
+        return e
+    except Exception as e:  # a timeout, a broker without DescribeConfigs, ...
+        return e
+    found = {name: entry.value for name, entry in entries.items()}
+    if not found and topic not in partition_counts(admin, timeout):
+        return None  # Tansu describes a missing topic as one without configs
+    return found
+
+
+def require_log_append_time(
+    bootstrap: str, topic: str, kafka_config: Mapping[str, str] | None = None, timeout: float = 10.0
+) -> None:
+    """Raise TopicsError (one line, with the fix) unless the deltas topic uses LogAppendTime."""
+    admin = Admin(bootstrap, kafka_config)
+    found = topic_configs(admin, topic, timeout)
+    problem = log_append_time_problem(topic, found, bootstrap)
+    if problem:
+        hint = admin.hint() if isinstance(found, BaseException) else ""
+        raise TopicsError(problem + hint)

@@ -101,8 +101,14 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                 f"4 peers, threshold {settings.threshold}, {SHARDS} shards, {n:,} deltas at {rate or 'max'}/s "
                 f"(every {malformed_every}th malformed)"
             )
+            # Tansu ignores message.timestamp.type (its records keep the producer's timestamp),
+            # so the workers run with --allow-producer-timestamps; the demo's producer is ours.
             for pid in PEERS:
-                procs.append(start_worker(workdir, pid, broker.bootstrap, url, prefix, topic_prefix))
+                procs.append(
+                    start_worker(
+                        workdir, pid, broker.bootstrap, url, prefix, topic_prefix, ("--allow-producer-timestamps",)
+                    )
+                )
             store = LockchainStore.from_url(url, settings.chain_id, prefix)
             produced = [0]
 

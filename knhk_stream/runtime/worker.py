@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from knhk_stream.kafka.admin import require_log_append_time
 from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.quorum import Vote
@@ -58,6 +59,9 @@ class WorkerOptions:
     session_timeout_ms: int = 10_000
     markers: bool = True
     batch: int = 5000
+    # Run although the deltas topic is not LogAppendTime (protocol "Beats"): only for a
+    # development broker whose producers are trusted, such as the embedded Tansu.
+    allow_producer_timestamps: bool = False
 
 
 class Worker:
@@ -71,6 +75,17 @@ class Worker:
         options: WorkerOptions,
         telemetry: Telemetry | None = None,
     ) -> None:
+        # Protocol "Beats": the broker's clock drives the beats, so refuse a deltas topic
+        # that lets producers set the timestamps, before anything else is set up.
+        if options.allow_producer_timestamps:
+            log.warning(
+                "--allow-producer-timestamps: not checking that %s uses LogAppendTime; producers' timestamps "
+                "drive the beats (only for a development broker whose producers are trusted)",
+                options.topics.deltas.name,
+            )
+        else:
+            require_log_append_time(options.bootstrap, options.topics.deltas.name, options.kafka_config)
+        self._watch_timestamps = not options.allow_producer_timestamps
         self.settings = settings
         self.peer_id = peer_id
         self.opts = options
@@ -155,6 +170,8 @@ class Worker:
     def step(self) -> None:
         msgs = self.deltas.consume(self.opts.batch, timeout=0.05)
         if msgs:
+            if self._watch_timestamps:
+                self._check_timestamp_type(msgs)
             for vote in self.node.process(records(msgs)):
                 self._publish_vote(vote)
         if self._undelivered:
@@ -167,6 +184,26 @@ class Worker:
                 self._produce(self.topics.deltas.name, marker_out(shard))
         self.producer.poll(0)
         self._confirm_roots()
+
+    def _check_timestamp_type(self, msgs: list[Message]) -> None:
+        """Once: say so if the first record carries a producer's timestamp although the topic is LogAppendTime.
+
+        A broker may accept the setting and ignore it (the embedded Tansu does), and records
+        written before the setting changed keep their CreateTime.
+        """
+        for m in msgs:
+            if m.error() is None:
+                self._watch_timestamps = False
+                if m.timestamp()[0] != TIMESTAMP_LOG_APPEND_TIME:
+                    log.warning(
+                        "%s[%d] offset %d carries a producer timestamp (CreateTime) although the topic reports "
+                        "LogAppendTime: records from before the setting changed do, and so does every record on a "
+                        "broker that ignores the setting (the embedded Tansu does)",
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                    )
+                return
 
     def _produce(self, topic: str, out: Outbound, on_delivery: Callable[..., None] | None = None) -> None:
         kwargs: dict[str, Any] = {"key": out.key, "value": out.value, "partition": out.partition}

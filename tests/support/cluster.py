@@ -45,8 +45,20 @@ class Cluster:
 
     # -- peers ----------------------------------------------------------------------------
 
-    def start(self, peer_id: str, name: str | None = None, extra: tuple[str, ...] = (), settings: Path | None = None):
+    def start(
+        self,
+        peer_id: str,
+        name: str | None = None,
+        extra: tuple[str, ...] = (),
+        settings: Path | None = None,
+        allow_producer_timestamps: bool = True,
+    ):
         extra = ("--group-id", f"knhk.{self.topic_prefix}.{peer_id}", *extra)  # no stale members of other tests
+        if allow_producer_timestamps:
+            # The embedded Tansu broker ignores message.timestamp.type (its records keep the
+            # producer's timestamp), so the workers may not insist on LogAppendTime; the
+            # tests' producers are trusted. A test of the check itself passes False.
+            extra = ("--allow-producer-timestamps", *extra)
         p = start_worker(self.workdir, peer_id, self.bootstrap, self.redis_url, self.prefix, self.topic_prefix,
                          extra, settings_path=settings, log_name=name)  # fmt: skip
         self.procs[name or peer_id] = p

@@ -41,6 +41,10 @@ peer = add_peer(
     redis_url=env["KNHK_REDIS"],
     prefix=env.get("KNHK_PREFIX", "knhk"),
     topics=topics,
+    # The tests' embedded Tansu broker ignores message.timestamp.type (records keep the
+    # producer's timestamp), so the peer may not insist on LogAppendTime; the tests'
+    # producers are trusted.
+    allow_producer_timestamps=True,
 )
 
 if __name__ == "__main__":
