@@ -56,6 +56,7 @@ def _apply_epoch(cluster: Cluster, next_toml: Path, signers: list[tuple[str, Pat
     code, out = _cli("epoch", "apply", str(statement), "--settings", str(chain), "--redis", cluster.redis_url,
                      "--prefix", cluster.prefix)  # fmt: skip
     assert code == 0, out
+    cluster.settings = ChainSettings.from_toml(chain)  # the test's own checks verify with the new epoch too
     return statement
 
 
