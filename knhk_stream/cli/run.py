@@ -178,10 +178,13 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
         click.echo(f"Kafka (Tansu, memory only): {broker.bootstrap}")
         click.echo(f"Redis: {url}")
         click.echo(f"Topics: {', '.join(t.name for t in topics.all())} ({partitions} partitions)")
-        # Tansu ignores message.timestamp.type (its records keep the producers' timestamps),
-        # so workers on it run with --allow-producer-timestamps: here, through the environment.
+        # Tansu accepts message.timestamp.type but ignores it (its records keep the producers'
+        # timestamps), so workers on it run with --allow-producer-timestamps: here, through the environment.
         click.echo(f"export KNHK_BOOTSTRAP={broker.bootstrap} KNHK_REDIS={url} KNHK_ALLOW_PRODUCER_TIMESTAMPS=1")
-        click.echo("(Tansu ignores LogAppendTime, so workers on it need --allow-producer-timestamps, set above.)")
+        click.echo(
+            "(Tansu accepts message.timestamp.type=LogAppendTime but ignores it: producers' timestamps drive the "
+            "beats, so workers on it run with --allow-producer-timestamps, set above.)"
+        )
         click.echo("Ctrl-C stops everything.")
         try:
             while True:
