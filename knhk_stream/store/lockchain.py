@@ -176,14 +176,20 @@ class LockchainStore:
         return CommittedEntry.from_mapping(raw) if raw else None
 
     def cycles(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> list[int]:
+        """Listed cycles in the range, decided by the padded members, never by the float scores
+        (protocol "Redis": scores lose precision above 2^53). Scores only narrow the read, with slack."""
         lo, hi = _score_range(from_cycle, to_cycle)
-        return [int(as_text(m)) for m in self.client.zrangebyscore(self.keys(shard).cycles, lo, hi)]
+        got = (_member_cycle(m) for m in self.client.zrangebyscore(self.keys(shard).cycles, lo, hi))
+        return sorted(
+            c for c in got
+            if c is not None and (from_cycle is None or c >= from_cycle) and (to_cycle is None or c <= to_cycle)
+        )  # fmt: skip
 
     def count(self, shard: int, from_cycle: int | None = None, to_cycle: int | None = None) -> int:
         """How many cycles the cycles set lists (in the range, if given)."""
         if from_cycle is None and to_cycle is None:
             return int(self.client.zcard(self.keys(shard).cycles))
-        return int(self.client.zcount(self.keys(shard).cycles, *_score_range(from_cycle, to_cycle)))
+        return len(self.cycles(shard, from_cycle, to_cycle))
 
     def cycle_at(self, shard: int, rank: int) -> int | None:
         """The cycle at `rank` (0 = the oldest) of the cycles set, None past its end."""
@@ -224,8 +230,10 @@ class LockchainStore:
 
     def previous(self, shard: int, cycle: int) -> CommittedEntry | None:
         """The entry listed just before `cycle`, if any."""
-        got = self.client.zrevrangebyscore(self.keys(shard).cycles, f"({cycle}", "-inf", start=0, num=1)
-        return self.get(shard, int(as_text(got[0]))) if got else None
+        slack = _slack(cycle)
+        got = self.client.zrevrangebyscore(self.keys(shard).cycles, cycle + slack, "-inf", start=0, num=4 * slack + 4)
+        before = [c for c in map(_member_cycle, got) if c is not None and c < cycle]
+        return self.get(shard, max(before)) if before else None
 
     def stored_cycles(self, shard: int) -> set[int]:
         """Cycles that have a root hash, found by SCAN (not trusting the sorted set)."""
@@ -242,8 +250,21 @@ class LockchainStore:
         return sorted({shard_of_key(as_text(key)) for key in self.client.scan_iter(match=pattern, count=1000)})
 
 
+def _slack(cycle: int) -> int:
+    """How far a float score may be from its cycle (doubles keep 53 bits)."""
+    return max(1, cycle >> 52)
+
+
 def _score_range(from_cycle: int | None, to_cycle: int | None) -> tuple[int | str, int | str]:
-    return ("-inf" if from_cycle is None else from_cycle), ("+inf" if to_cycle is None else to_cycle)
+    lo = "-inf" if from_cycle is None else max(0, from_cycle - _slack(from_cycle))
+    hi = "+inf" if to_cycle is None else to_cycle + _slack(to_cycle)
+    return lo, hi
+
+
+def _member_cycle(member: bytes | str) -> int | None:
+    """The cycle of a `{cycle:020}` member; None for anything else (a finding for verify_range)."""
+    text = as_text(member)
+    return int(text) if len(text) == 20 and text.isascii() and text.isdigit() else None
 
 
 # -- verification -------------------------------------------------------------------------
