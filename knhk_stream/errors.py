@@ -98,3 +98,7 @@ class NotNextError(LockchainError):
 
 class EpochError(KnhkError, ValueError):
     """An epoch statement that is malformed, or does not follow the epoch before it."""
+
+    def __init__(self, message: str, where: str | None = None) -> None:
+        self.where = where  # e.g. "epochs[2]" when it came from a list of statements
+        super().__init__(message)

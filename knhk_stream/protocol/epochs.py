@@ -251,6 +251,22 @@ class Epoch:
         return e
 
 
+def parse_epochs(raw: Any, chain_id: str, tick_ms: int) -> list[Epoch]:
+    """A list of statements (a bundle's `epochs`, a settings file's `[[epochs]]`); EpochError naming the index."""
+    if not isinstance(raw, list):
+        raise EpochError("epochs must be a list of epoch statements", "epochs")
+    out = []
+    for i, item in enumerate(raw):
+        try:
+            e = Epoch.from_json(item, chain_id, tick_ms)
+        except EpochError as err:
+            raise EpochError(str(err), f"epochs[{i}]") from None
+        if e.chain_id != chain_id or e.tick_ms != tick_ms:
+            raise EpochError("chain_id and tick_ms never change between epochs", f"epochs[{i}]")
+        out.append(e)
+    return out
+
+
 def _has_lone_surrogate(v: Any) -> bool:
     if isinstance(v, str):
         try:

@@ -20,13 +20,12 @@ from knhk_stream.protocol.beats import TICKS_PER_BEAT
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_INT_FIELDS, Entry
-from knhk_stream.protocol.epochs import U32_MAX, U64_MAX, Epoch
+from knhk_stream.protocol.epochs import U32_MAX, U64_MAX, Epoch, parse_epochs
 from knhk_stream.protocol.quorum import check_quorum
 from knhk_stream.protocol.receipts import (
     A_HASH_BYTES,
     APPLIED,
     RECEIPT_SIZE,
-    DeltaProcessor,
     Receipt,
     receipt_offset,
     rejections_by_code,
@@ -221,15 +220,10 @@ def _parse(b: Any, settings: ChainSettings) -> _Parsed:
         if not isinstance(v, dict):
             raise _Fail("bundle", f"votes[{i}] must be an object with peer_id and signature")
         votes.append((_str(v, "peer_id", f"votes[{i}]."), _hex(v.get("signature"), f"'votes[{i}].signature'", None)))
-    raw_epochs = b.get("epochs", [])
-    if not isinstance(raw_epochs, list):
-        raise _Fail("bundle", "field 'epochs' must be a list of epoch statements")
-    epochs = []
-    for i, raw in enumerate(raw_epochs):
-        try:
-            epochs.append(Epoch.from_json(raw, settings.chain_id, settings.tick_ms))
-        except EpochError as e:
-            raise _Fail("bundle", f"epochs[{i}]: {e}") from None
+    try:
+        epochs = parse_epochs(b.get("epochs", []), settings.chain_id, settings.tick_ms)
+    except EpochError as e:
+        raise _Fail("bundle", f"{e.where}: {e}") from None
     return _Parsed(
         chain_id=chain_id,
         shard=_int(b, "shard", top=U32_MAX),
@@ -299,7 +293,7 @@ def _check_receipt(p: _Parsed, settings: ChainSettings) -> str:
         raise fail(f"the receipt's delta_hash is {r.delta_hash.hex()}, the record's is {p.delta_hash.hex()}")
     if p.value is None:
         return f"{_describe(r)}; for shard {r.shard} cycle {r.cycle} tick {r.tick} offset {r.offset} (not recomputed)"
-    again = DeltaProcessor(hook, epoch.max_triples).receipt(r.shard, r.cycle, r.tick, r.offset, p.value)
+    again = settings.processor_for(epoch).receipt(r.shard, r.cycle, r.tick, r.offset, p.value)
     if again != p.receipt:
         raise fail(
             f"recomputing from the value with {hook.name} gives {_describe(Receipt.from_bytes(again))} "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from knhk_stream.errors import EpochError, SettingsError
-from knhk_stream.protocol.epochs import Epoch, EpochChain, Peer, build_chain, genesis_epoch
+from knhk_stream.protocol.epochs import Epoch, EpochChain, Peer, build_chain, genesis_epoch, parse_epochs
 from knhk_stream.protocol.hooks import CANONICAL, Hook, load_hook
 from knhk_stream.protocol.keys import parse_public_key
 from knhk_stream.protocol.quorum import check_threshold, default_threshold
@@ -24,18 +24,11 @@ class EpochProcessor:
     """Receipts by the hook and max_triples of the epoch of each receipt's cycle."""
 
     def __init__(self, settings: ChainSettings) -> None:
-        self._chain = settings.epoch_chain
-        self._by_number: dict[int, DeltaProcessor] = {}
         self._settings = settings
 
-    def for_epoch(self, epoch: Epoch) -> DeltaProcessor:
-        p = self._by_number.get(epoch.number)
-        if p is None:
-            p = self._by_number[epoch.number] = DeltaProcessor(self._settings.load_hook(epoch), epoch.max_triples)
-        return p
-
     def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes:
-        return self.for_epoch(self._chain.for_cycle(cycle)).receipt(shard, cycle, tick, offset, value)
+        s = self._settings
+        return s.processor_for(s.epoch_for(cycle)).receipt(shard, cycle, tick, offset, value)
 
 
 @dataclass(frozen=True)
@@ -86,8 +79,19 @@ class ChainSettings:
     def processor(self) -> DeltaProcessor | EpochProcessor:
         """What turns a delta into its receipt: one processor, or one per epoch when there are several."""
         if len(self.epoch_chain.epochs) == 1:
-            return DeltaProcessor(self.load_hook(), self.max_triples)
+            return self.processor_for(self.genesis)
         return EpochProcessor(self)
+
+    @cached_property
+    def _processors(self) -> dict[bytes, DeltaProcessor]:
+        return {}
+
+    def processor_for(self, epoch: Epoch) -> DeltaProcessor:
+        """The receipts of `epoch`: its hook and max_triples (the one place a DeltaProcessor is built)."""
+        p = self._processors.get(epoch.epoch_hash)
+        if p is None:
+            p = self._processors[epoch.epoch_hash] = DeltaProcessor(self.load_hook(epoch), epoch.max_triples)
+        return p
 
     def start_offset(self, shard: int) -> int:
         return self.start_offsets.get(shard, 0)
@@ -202,20 +206,16 @@ class ChainSettings:
         raw_epochs = data.get("epochs", [])
         if not isinstance(raw_epochs, list):
             raise fail("epochs", "must be [[epochs]] tables, one per epoch after 0")
-        epochs = []
-        for i, raw in enumerate(raw_epochs):
-            try:
-                e = Epoch.from_json(raw, chain_id, tick_ms)
-            except EpochError as err:
-                raise fail(f"epochs[{i}]", str(err)) from None
-            if e.chain_id != chain_id or e.tick_ms != tick_ms:
-                raise fail(f"epochs[{i}]", "chain_id and tick_ms never change between epochs")
+        try:
+            epochs = parse_epochs(raw_epochs, chain_id, tick_ms)
+        except EpochError as err:
+            raise fail(err.where or "epochs", str(err)) from None
+        for i, e in enumerate(epochs):
             if e.hook_entrypoint is not None:
                 try:
                     load_hook(e.hook, e.hook_entrypoint)
                 except ValueError as err:
                     raise fail(f"epochs[{i}].hook_entrypoint", str(err)) from None
-            epochs.append(e)
         settings = cls(tuple(peers), threshold, chain_id, tick_ms, max_triples, hook, entrypoint, starts, tuple(epochs))
         for f in settings.epoch_chain.forks:
             raise fail("epochs", f"two different valid statements for epoch {f.number}: the epochs are forked")

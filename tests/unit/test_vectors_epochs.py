@@ -505,9 +505,9 @@ def test_settings_with_epochs_drops_duplicates_among_the_new_ones():
 
 def test_settings_processor_per_epoch():
     s = ChainSettings(E0.peers, E0.threshold, CHAIN_ID, TICK_MS, E0.max_triples, E0.hook, epochs=(E1, E2))
-    proc = s.processor()
-    assert proc.for_epoch(E0).max_triples == 1024
-    assert proc.for_epoch(E2).max_triples == 2048
+    assert s.processor_for(E0).max_triples == 1024
+    assert s.processor_for(E2).max_triples == 2048
+    assert s.processor_for(E2) is s.processor_for(E2)  # built once per epoch
 
 
 def _changed(number: int, **fields) -> list[dict]:
