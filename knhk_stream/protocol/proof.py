@@ -21,7 +21,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_INT_FIELDS, Entry
 from knhk_stream.protocol.epochs import U32_MAX, U64_MAX, Epoch, parse_epochs
-from knhk_stream.protocol.quorum import check_quorum
+from knhk_stream.protocol.quorum import backdated_problem, check_quorum
 from knhk_stream.protocol.receipts import (
     A_HASH_BYTES,
     APPLIED,
@@ -353,6 +353,9 @@ def _check_quorum(p: _Parsed, settings: ChainSettings) -> str:
     forked = settings.epoch_chain.problem_for_cycle(p.entry.cycle)
     if forked:
         raise _Fail("quorum", forked)
+    backdated = backdated_problem(settings.epoch_chain, p.entry.cycle, p.entry_hash, p.votes)
+    if backdated and not check_quorum(p.entry_hash, p.votes, epoch).valid:
+        raise _Fail("quorum", backdated)
     if p.epoch != epoch.number:
         raise _Fail("quorum", f"the bundle says epoch {p.epoch}, but cycle {p.entry.cycle} is in epoch {epoch.number}")
     problems = vote_problems(p.entry_hash, p.votes, epoch)

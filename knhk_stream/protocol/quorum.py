@@ -16,7 +16,7 @@ from enum import Enum
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from knhk_stream.protocol.entry import Entry
-from knhk_stream.protocol.epochs import Epoch, default_threshold, threshold_problem  # noqa: F401
+from knhk_stream.protocol.epochs import Epoch, EpochChain, default_threshold, threshold_problem  # noqa: F401
 from knhk_stream.protocol.keys import (  # noqa: F401 - keys were imported from here in 0.1
     generate_key,
     key_from_seed,
@@ -96,6 +96,21 @@ def check_quorum(entry_hash: bytes, votes: Iterable[tuple[str, bytes]], epoch: E
     if len(signers) < epoch.threshold:
         problems.append(f"{len(signers)} valid votes, threshold {epoch.threshold} (epoch {epoch.number})")
     return QuorumCheck(len(signers) >= epoch.threshold, tuple(signers), tuple(rejected), tuple(problems))
+
+
+def backdated_problem(
+    chain: EpochChain, cycle: int, entry_hash: bytes, votes: Iterable[tuple[str, bytes]]
+) -> str | None:
+    """When an entry fails under the epoch of its cycle but holds a quorum of the epoch before:
+    that epoch was signed after the fact with an earlier from_cycle (protocol "Epochs")."""
+    epoch = chain.for_cycle(cycle)
+    prev = chain.by_number(epoch.number - 1)
+    if prev is None or not check_quorum(entry_hash, list(votes), prev).valid:
+        return None
+    return (
+        f"epoch {epoch.number} is backdated: it starts at cycle {epoch.from_cycle}, but this entry of cycle "
+        f"{cycle} was committed by a quorum of epoch {prev.number}; the epoch was signed after the fact"
+    )
 
 
 class VoteStatus(Enum):

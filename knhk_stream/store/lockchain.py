@@ -21,7 +21,7 @@ from knhk_stream.errors import ForkError, LockchainError, NotNextError
 from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS
-from knhk_stream.protocol.quorum import QuorumCheck, check_quorum
+from knhk_stream.protocol.quorum import QuorumCheck, backdated_problem, check_quorum
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.keys import (
     ShardKeys,
@@ -363,7 +363,8 @@ def check_entry(
         else:
             bad("entry_hash", f"stored {ce.entry_hash.hex()} but the fields hash to {recomputed.hex()}")
     if not quorum.valid:
-        bad("votes", "no valid quorum proof: " + "; ".join(quorum.problems))
+        backdated = backdated_problem(settings.epoch_chain, e.cycle, ce.entry_hash, ce.votes)
+        bad("votes", backdated or "no valid quorum proof: " + "; ".join(quorum.problems))
     epoch = settings.epoch_for(e.cycle)
     if ce.epoch != epoch.number:
         bad("epoch", f"is {ce.epoch}, but cycle {e.cycle} is in epoch {epoch.number}")
