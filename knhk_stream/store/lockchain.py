@@ -16,6 +16,7 @@ from functools import cache
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 
 from knhk_stream.errors import ForkError, LockchainError, NotNextError
 from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
@@ -23,6 +24,7 @@ from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS
 from knhk_stream.protocol.quorum import QuorumCheck, backdated_problem, check_quorum
 from knhk_stream.protocol.settings import ChainSettings
+from knhk_stream.store.connect import Durability, ReplicasLagging, connect, wait_for_replicas
 from knhk_stream.store.keys import (
     ShardKeys,
     chain_key,
@@ -111,9 +113,16 @@ def _texts(got: dict[Any, Any]) -> dict[str, str]:
 class LockchainStore:
     """One chain's entries in Redis (any shard), under a key prefix."""
 
-    def __init__(self, client: redis.Redis, chain_id: str, prefix: str = "knhk") -> None:
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        chain_id: str,
+        prefix: str = "knhk",
+        durability: Durability | None = None,
+    ) -> None:
         check_prefix(prefix)
         self.client = client
+        self.durability = durability or Durability()
         self.chain_id = chain_id
         self.prefix = prefix
         self._append = client.register_script(_APPEND)
@@ -121,8 +130,11 @@ class LockchainStore:
 
     @classmethod
     def from_url(cls, url: str, chain_id: str, prefix: str = "knhk", **kwargs: Any) -> LockchainStore:
-        """redis:// or rediss:// (with user:password@), or unix://; kwargs go to redis-py."""
-        return cls(redis.Redis.from_url(url, **kwargs), chain_id, prefix)
+        """redis:// or rediss:// (with user:password@), or unix://, to a server or any node of a
+        Redis Cluster (detected); `?wait_replicas=N&wait_timeout_ms=T` asks for durable appends.
+        kwargs go to redis-py."""
+        client, durability = connect(url, **kwargs)
+        return cls(client, chain_id, prefix, durability)
 
     def key(self, shard: int) -> str:
         """K of a shard (protocol "Redis")."""
@@ -157,6 +169,14 @@ class LockchainStore:
             if msg.startswith("NOTNEXT"):
                 raise NotNextError(where + msg[8:]) from None
             raise
+        if self.durability.replicas:
+            acked = wait_for_replicas(self.client, k.head, self.durability)
+            if acked < self.durability.replicas:
+                raise ReplicasLagging(
+                    f"shard {e.shard} cycle {e.cycle}: only {acked} of {self.durability.replicas} replica(s) "
+                    f"acknowledged the append within {self.durability.timeout_ms} ms; it is not published until "
+                    "they do (check the replicas' link and lag: INFO replication)"
+                )
         return as_text(result) == "appended"
 
     # -- reading ------------------------------------------------------------------------
