@@ -143,4 +143,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     print((args.out / "latest.md").read_text())
+    for line in rep.summary.values():  # last, one per case family that ran: other tools read these
+        print(line, flush=True)
     return 1 if rep.errors else 0

@@ -4,6 +4,7 @@ Also RSS sampling and the log line format."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +85,9 @@ class Report:
         self.notes: list[str] = []
         self.targets: list[dict[str, Any]] = []
         self.errors: list[str] = []
+        # One stable line per case family that ran ("core: json_100b=… avro_100b=… speedup_vs_before=…"),
+        # printed last by the command line, for other tools to read; in the order the cases ran.
+        self.summary: dict[str, str] = {}
 
     def add(self, r: Result) -> Result:
         self.results.append(r)
@@ -129,6 +133,38 @@ def timed_rate(fn: Callable[[], Any], n: int) -> float:
     t0 = time.perf_counter()
     fn()
     return n / (time.perf_counter() - t0)
+
+
+def quiet_rate(fn: Callable[[], Any], n: int) -> float:
+    """timed_rate with the cyclic GC collected before and off during the run (as timeit does), so
+    that neither side of a same-run comparison pays for garbage the other left."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return timed_rate(fn, n)
+    finally:
+        if was:
+            gc.enable()
+
+
+def paired_rates(
+    fn: Callable[[], Any], base: Callable[[], Any] | None, n: int, runs: int
+) -> tuple[list[float], list[float]]:
+    """`runs` rates of fn and of base, measured in turns and in alternating order (fn first, then
+    base first, ...) after one untimed warm-up of each, so that drift and order cost both alike."""
+    fn()
+    if base is not None:
+        base()
+    a: list[float] = []
+    b: list[float] = []
+    for i in range(runs):
+        if base is not None and i % 2:
+            b.append(quiet_rate(base, n))
+        a.append(quiet_rate(fn, n))
+        if base is not None and not i % 2:
+            b.append(quiet_rate(base, n))
+    return a, b
 
 
 def rss_mb(pid: int) -> float | None:

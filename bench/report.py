@@ -23,6 +23,7 @@ def write_all(rep: Report, meta: dict[str, Any], out: Path) -> None:
                 "meta": meta,
                 "results": [r.to_json() for r in rep.results],
                 "targets": rep.targets,
+                "summary": list(rep.summary.values()),
                 "notes": rep.notes,
                 "errors": rep.errors,
             },
@@ -71,6 +72,8 @@ def write_markdown(rep: Report, meta: dict[str, Any], path: Path) -> None:
             value = {k: v for k, v in t.items() if k not in ("target", "met")}
             shown = ", ".join(f"{k} {fmt(v) if isinstance(v, float) else v}" for k, v in value.items())
             lines.append(f"| {t['target']} | {shown} | {'yes' if t['met'] else 'NO'} |")
+    if rep.summary:
+        lines += ["", "## Summary lines", "", "```", *rep.summary.values(), "```"]
     if rep.notes or rep.errors:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in rep.notes]

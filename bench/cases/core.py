@@ -1,20 +1,22 @@
 """2. Core alone: decode + hook + receipt + Merkle without Kafka or Redis (100 B JSON, the same as
 Avro, 1 KB JSON); Merkle root; vote signing and verification; proof-bundle verification.
-Baseline: the same code at --baseline-ref (the core before the issue-6 optimizations)."""
+Baseline: the same code at --baseline-ref (the core before this round of optimizations), measured in
+turns with this tree's, in the same process. Ends with the `core:` summary line."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.baseline import CURRENT, Pkg, extract_ref
+from bench.baseline import BASE, CURRENT, Pkg, extract_ref
 from bench.cluster import Env
-from bench.harness import Report, Result, log, timed_rate
+from bench.harness import Report, Result, log, paired_rates, quiet_rate
 from bench.load import avro_values, committed, four_peer_keys, json_values, kb_values
 
 NEEDS = None
@@ -54,21 +56,19 @@ def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
     try:
         if args.baseline_ref and extract_ref(args.baseline_ref, tmp):
             sys.path.insert(0, str(tmp))
-            before = Pkg("knhk_base")
+            before = Pkg(BASE)
         bname = f"same, core at {args.baseline_ref} (before)" if before else None
         kinds = (
-            ("100 B JSON", json_values(n)),
-            ("100 B JSON as Avro", avro_values(n)),
-            ("1 KB JSON", kb_values(n)),
+            ("json_100b", "100 B JSON", json_values(n)),
+            ("avro_100b", "100 B JSON as Avro", avro_values(n)),
+            ("json_1kb", "1 KB JSON", kb_values(n)),
         )
-        for label, values in kinds:
+        rows: dict[str, Result] = {}
+        for key, label, values in kinds:
             size = sum(map(len, values)) / len(values)
-            runs, bruns = [], []
-            for _ in range(args.runs):
-                runs.append(timed_rate(lambda v=values: core_feed(after, v), n))
-                if before:
-                    bruns.append(timed_rate(lambda v=values: core_feed(before, v), n))
-            rep.add(
+            b_feed = (lambda v=values: core_feed(before, v)) if before else None
+            runs, bruns = paired_rates(lambda v=values: core_feed(after, v), b_feed, n, args.runs)
+            rows[key] = rep.add(
                 Result(
                     "2. Core alone",
                     f"{label} (avg {size:.0f} B): decode+hook+receipt+Merkle",
@@ -78,12 +78,14 @@ def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
                     bruns,
                     chart="throughput",
                     label=f"core {label}".replace(" as Avro", " Avro"),
-                    extra={"avg_bytes": size},
+                    extra={"avg_bytes": size, "us_per_delta": 1e6 / statistics.median(runs)}
+                    | ({"before_us_per_delta": 1e6 / statistics.median(bruns)} if bruns else {}),
                 )
             )
+        rep.summary["core"] = summary_line(rows["json_100b"], rows["avro_100b"])
         leaves = [i.to_bytes(123, "big") for i in range(n)]
-        runs = [timed_rate(lambda: after.merkle.root(leaves), n) for _ in range(args.runs)]
-        bruns = [timed_rate(lambda: before.merkle.root(leaves), n) for _ in range(args.runs)] if before else []
+        b_root = (lambda: before.merkle.root(leaves)) if before else None
+        runs, bruns = paired_rates(lambda: after.merkle.root(leaves), b_root, n, args.runs)
         rep.add(Result("2. Core alone", f"Merkle root of {n:,} receipts", "leaves/s", runs, bname, bruns))
         key = after.quorum.generate_key()
         k = 5000
@@ -92,18 +94,28 @@ def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
         for label, fn_after, fn_before in zip(
             ("vote signing (Ed25519)", "vote verification (Ed25519)"), calls_after, calls_before, strict=True
         ):
-            runs = [timed_rate(lambda f=fn_after: [f() for _ in range(k)], k) for _ in range(args.runs)]
-            bruns = (
-                [timed_rate(lambda f=fn_before: [f() for _ in range(k)], k) for _ in range(args.runs)]
-                if fn_before
-                else []
-            )
+            b_votes = (lambda f=fn_before: [f() for _ in range(k)]) if fn_before else None
+            runs, bruns = paired_rates(lambda f=fn_after: [f() for _ in range(k)], b_votes, k, args.runs)
             rep.add(Result("2. Core alone", label, "votes/s", runs, bname, bruns, note=VOTE_NOTE))
         bundle_case(rep, args)
     finally:
         if before:
             sys.path.remove(str(tmp))
+            for name in [m for m in sys.modules if m == BASE or m.startswith(BASE + ".")]:
+                del sys.modules[name]  # a later run may extract another ref under the same name
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def summary_line(json_row: Result, avro_row: Result) -> str:
+    """`core: json_100b=<deltas/s> avro_100b=<deltas/s> speedup_vs_before=<x.xx>`: the medians of
+    this tree's core, and the smaller of the two same-run ratios to the core at --baseline-ref
+    (`nan` without a baseline)."""
+    ratios = [r.ratio for r in (json_row, avro_row)]
+    speedup = min(ratios) if None not in ratios else float("nan")  # type: ignore[type-var]
+    return (
+        f"core: json_100b={json_row.median or 0:.0f} avro_100b={avro_row.median or 0:.0f} "
+        f"speedup_vs_before={speedup:.2f}"
+    )
 
 
 def bundle_case(rep: Report, args: argparse.Namespace) -> None:
@@ -127,7 +139,7 @@ def bundle_case(rep: Report, args: argparse.Namespace) -> None:
         )
         return
     k = 500
-    runs = [timed_rate(lambda: [proof.verify_bundle(bundle, settings) for _ in range(k)], k) for _ in range(args.runs)]
+    runs = [quiet_rate(lambda: [proof.verify_bundle(bundle, settings) for _ in range(k)], k) for _ in range(args.runs)]
     rep.add(
         Result(
             "2. Core alone",
