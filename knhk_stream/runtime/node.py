@@ -68,7 +68,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("knhk_stream.runtime.node")
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# an outage, a failover in progress (cluster down, try again, master down) or lagging replicas: retried later
+REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+)
 EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
 MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard waiting for the published mark to reach them
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
