@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from knhk_stream import __version__
-from knhk_stream.cli import audit, chain, epoch, keys, produce, roots, run
+from knhk_stream.cli import audit, chain, epoch, keys, produce, rebuild, roots, run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -30,5 +30,5 @@ for _cmd in (
     roots.roots,
 ):
     main.add_command(_cmd)
-for _cmd in (audit.export, audit.import_):
+for _cmd in (audit.export, audit.import_, rebuild.rebuild):
     chain.chain.add_command(_cmd)
