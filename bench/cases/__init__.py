@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench.cases import audit, bare, core, four, memory, one, redis, scale
+from bench.cases import audit, bare, core, four, memory, one, redis, redis_cluster, scale
 
 CASES: dict[str, ModuleType] = {
     "bare": bare,
@@ -19,4 +19,5 @@ CASES: dict[str, ModuleType] = {
     "memory": memory,
     "redis": redis,
     "audit": audit,
+    "redis-cluster": redis_cluster,
 }
