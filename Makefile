@@ -32,5 +32,12 @@ $(DEV_STAMP): $(STAMP)
 bench: $(DEV_STAMP)
 	$(PY) -m bench
 
+# The chaos campaign (issue 15): faults for MINUTES under load, invariants checked; report in bench/results/chaos-latest.*
+MINUTES ?= 10
+SEED ?= 1
+.PHONY: chaos
+chaos: $(DEV_STAMP)
+	$(PY) -m bench.chaos --minutes $(MINUTES) --seed $(SEED) $(if $(FAULTS),--faults $(FAULTS)) $(if $(RATE),--rate $(RATE))
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

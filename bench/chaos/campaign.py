@@ -85,6 +85,7 @@ class Campaign:
         self.cfg = cfg
         self.peers = PEERS
         self.closing = threading.Event()
+        self.restart_at: dict[str, float] = {}
         self.t0 = time.monotonic()
 
     def log(self, msg: str) -> None:
@@ -151,14 +152,29 @@ class Campaign:
     # -- watching ---------------------------------------------------------------------------
 
     def monitor(self) -> None:
+        """Report every exit the campaign did not ask for, and restart the process a second later.
+
+        The restart is what a supervisor (systemd, Kubernetes) would do; it keeps the campaign
+        meaningful after a crash, which still counts as a violation.
+        """
         for p, rc in self.fleet.exited():
             if not p.expected_exit:
                 self.checker.violation(
                     "no_unexpected_exit",
-                    f"{p.name} (incarnation {p.incarnation}) exited with "
-                    f"status {rc}; log: {self.fleet.log_tail(p.name, 800)!r}",
+                    f"{p.name} (incarnation {p.incarnation}) exited with status {rc}; log: "
+                    f"{self.fleet.log_tail(p.name, 800)!r}",
                     f"exit:{p.name}:{p.incarnation}",
                 )
+                self.log(f"{p.name} exited with status {rc}: restarting it in 1 s")
+                self.restart_at[p.name] = time.monotonic() + 1
+        if not self.closing.is_set():
+            for name, at in list(self.restart_at.items()):
+                if time.monotonic() < at or name in self.injector.busy:
+                    continue
+                del self.restart_at[name]
+                with self.fleet.lock:
+                    if not self.fleet.procs[name].alive:
+                        self.fleet.start(name)
         self.fleet.sample_rss()
 
     # -- the run ----------------------------------------------------------------------------

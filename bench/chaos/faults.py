@@ -6,7 +6,7 @@ over one process; the schedule (campaign.py) picks a kind, then a free target fo
 
 Recovery ("head moving again") is measured from the moment a fault is lifted:
 - worker faults and faulty_hook: until the peer's votes agree with the committed entry on every
-  shard at or after the head each shard had when the fault was lifted (the peer is back in step);
+  shard for a beat after the head each shard had when the fault was lifted (the peer is back in step);
 - redis_kill, broker_pause, vote_garbage: until every shard has committed past its head at lift;
 - bad_deltas: until every record of the burst is inside a committed entry;
 - reader_kill: until the RootsReader group has handed out every shard's head at lift.
@@ -294,7 +294,7 @@ class Injector:
         at_lift: dict[int, int | None] = fault.detail.get("heads_at_lift", {})
         if fault.kind in ("worker_kill", "worker_zombie", "worker_term", "faulty_hook"):
             peer = fault.target if fault.kind == "faulty_hook" else self.c.fleet.procs[fault.target].peer
-            return all(h is None or ch.agree.get((peer, s), -1) >= h for s, h in at_lift.items())
+            return all(ch.agree.get((peer, s), -1) > (-1 if h is None else h) for s, h in at_lift.items())
         if fault.kind in ("redis_kill", "broker_pause", "vote_garbage"):
             heads = ch.heads()
             return all(heads[s] is not None and (h is None or heads[s] > h) for s, h in at_lift.items())
