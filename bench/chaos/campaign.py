@@ -222,8 +222,17 @@ class Campaign:
                 self.checker.violation(
                     "checker_error", f"fault #{f.n} {f.kind} was not lifted within 90 s", f"lift{f.n}"
                 )
+        # The load goes on until every fault has recovered (or given up), so each recovery is measured.
+        t = time.monotonic()
+        while time.monotonic() - t < 90 and not all(f.resolved.is_set() for f in self.injector.faults):
+            self.monitor()
+            time.sleep(0.25)
+        self.cooldown_s = round(time.monotonic() - t, 1)
         self.producer.stop()
-        self.log(f"load stopped: {self.acked.count} deltas acknowledged ({self.acked.errors[:3] or 'no errors'})")
+        errors = self.acked.errors[:3] or "no errors"
+        self.log(
+            f"load stopped after a {self.cooldown_s} s cool-down: {self.acked.count} deltas acknowledged ({errors})"
+        )
 
     def drain(self) -> None:
         """Until every acknowledged delta is committed, the reader group has every root, and the roots topic too."""

@@ -207,6 +207,7 @@ class Checker:
         self._thread: threading.Thread | None = None
         self.lock = threading.RLock()
         self.rounds = 0
+        self.round_s: list[float] = []
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -258,16 +259,20 @@ class Checker:
     def round(self) -> None:
         with self.lock:
             self.rounds += 1
-            self._read_deltas()
-            self._read_redis()
-            self._compare_replay()
-            self._read_votes()
-            self._classify_votes()
-            self._read_roots()
-            self._check_roots()
-            self._read_reader_files()
-            self._check_handouts()
+            t0 = time.monotonic()
+            times = []
+            for step in (self._read_deltas, self._read_redis, self._compare_replay, self._read_votes,
+                         self._classify_votes, self._read_roots, self._check_roots, self._read_reader_files,
+                         self._check_handouts):  # fmt: skip
+                t = time.monotonic()
+                step()
+                times.append((step.__name__, time.monotonic() - t))
             self.timeline.append((_ms(), [h for h in self.heads().values()]))
+            took = time.monotonic() - t0
+            self.round_s.append(took)
+            if took > 3:
+                slow = ", ".join(f"{n} {t:.1f}s" for n, t in times if t > 0.2)
+                print(f"[{time.strftime('%H:%M:%S')}] checker: a round took {took:.1f} s ({slow})", flush=True)
 
     # -- deltas and the replay --------------------------------------------------------------
 

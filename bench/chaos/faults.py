@@ -66,6 +66,7 @@ class Fault:
     detail: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     lifted: threading.Event = field(default_factory=threading.Event, repr=False)
+    resolved: threading.Event = field(default_factory=threading.Event, repr=False)  # recovered or given up
 
     @property
     def recovery_s(self) -> float | None:
@@ -152,8 +153,11 @@ class Injector:
                 with self.lock:
                     self.busy.difference_update(holds)
                 fault.lifted.set()
-            if fault.error is None:
-                self._await_recovery(fault)
+            try:
+                if fault.error is None:
+                    self._await_recovery(fault)
+            finally:
+                fault.resolved.set()
 
         t = threading.Thread(target=body, name=f"fault-{n}-{kind}", daemon=True)
         self.threads.append(t)
@@ -312,5 +316,8 @@ class Injector:
                 self.c.log(f"fault #{fault.n} {fault.kind} recovered in {fault.recovery_s:.1f} s")
                 return
             time.sleep(0.25)
-        if not self.c.closing.is_set():
+        if self.c.closing.is_set():
+            fault.detail["recovery"] = "the campaign ended first"
+        else:
+            fault.detail["recovery"] = f"not within {RECOVERY_TIMEOUT_S} s"
             self.c.log(f"fault #{fault.n} {fault.kind}: not recovered within {RECOVERY_TIMEOUT_S} s")

@@ -40,7 +40,7 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
         by_kind[kind] = {
             "injected": len(fs),
             "failed": sum(1 for f in fs if f.error),
-            "not_recovered": sum(1 for f in fs if f.error is None and f.recovery_s is None),
+            "not_recovered": sum(1 for f in fs if str(f.detail.get("recovery", "")).startswith("not within")),
             "recovery_s": {
                 "n": len(rec),
                 "p50": statistics.median(rec) if rec else None,
@@ -110,6 +110,8 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
         "notable_log_lines": c.notable(),
         "audits": final["audits"],
         "drain_s": round(getattr(c, "drain_s", 0.0), 1),
+        "cooldown_s": getattr(c, "cooldown_s", None),
+        "checker_round_s": {"p50": percentile(ch.round_s, 50), "max": max(ch.round_s, default=None)},
         "timeline": {
             "t_ms": [t for t, _ in ch.timeline],
             "heads": [h for _, h in ch.timeline],
