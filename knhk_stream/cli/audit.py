@@ -1,8 +1,8 @@
 """Auditor commands: `prove`, `verify-proof`, `audit`, and `chain export` / `chain import`.
 
-Exit status: 0 all good; 1 something is wrong (a failed check, a difference,
-a refused import); 2 no proof can be made for that offset (yet); 3 the audit
-could not replay everything because Kafka no longer holds some records.
+Exit status (docs/cli.md): 0 all good; 1 something is wrong (a failed check, a
+difference, a refused import, nothing to prove at that offset); 3 Kafka no longer
+holds records that are needed (retention); 75 not committed yet, try again later.
 """
 
 from __future__ import annotations
@@ -17,34 +17,44 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from knhk_stream.cli.common import (
+    EXIT_ATTENTION,
+    EXIT_ERROR,
+    EXIT_NOT_YET,
     ExitWith,
+    client_config,
+    echo_json,
     fail_cleanly,
     kafka_options,
     open_store,
-    parse_kafka_config,
     range_options,
+    require_kafka,
     resolve_topics,
     settings_option,
     shard_option,
+    shards_of,
     store_options,
 )
 from knhk_stream.protocol.settings import ChainSettings
 
 if TYPE_CHECKING:
     from knhk_stream.audit.core import AuditReport, DeltaLog
+    from knhk_stream.store import LockchainStore
 
 
 def _audit_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """AuditError and refused imports exit 1, ProofUnavailable exits 2, each as one clear line."""
+    """Each as one clear line: records gone (retention) exit 3; AuditError, refused imports and nothing to
+    prove exit 1 (`prove` itself exits 75 when the beat is not committed yet)."""
 
     @wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from knhk_stream.errors import AuditError, ChainImportError, LockchainError, ProofUnavailable
+        from knhk_stream.errors import AuditError, ChainImportError, LockchainError, ProofUnavailable, RecordsGone
 
         try:
             return fn(*args, **kwargs)
+        except RecordsGone as e:
+            raise ExitWith(str(e), EXIT_ATTENTION) from None
         except ProofUnavailable as e:
-            raise ExitWith(str(e), 2) from None
+            raise ExitWith(str(e), EXIT_ERROR) from None
         except ChainImportError as e:
             raise ExitWith(f"import refused, nothing was written: {e}", 1) from None
         except (AuditError, LockchainError) as e:
@@ -56,10 +66,18 @@ def _audit_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _log(
     bootstrap: str, topic_prefix: str | None, declarations: Path | None, kafka_config: tuple[str, ...]
 ) -> DeltaLog:
+    """The deltas topic to replay from, once Kafka answered and the topic exists (else one line, exit 1)."""
     from knhk_stream.audit.core import DeltaLog
 
     topics = resolve_topics(declarations, topic_prefix)
-    return DeltaLog(bootstrap, topics.deltas.name, parse_kafka_config(kafka_config))
+    config, log = client_config(kafka_config)
+    if not require_kafka(bootstrap, config, log).get(topics.deltas.name):
+        raise ExitWith(
+            f"topic {topics.deltas.name!r} does not exist at {bootstrap}: is this the chain's Kafka, and are "
+            "--topic-prefix / --declarations those of the peers?",
+            EXIT_ERROR,
+        )
+    return DeltaLog(bootstrap, topics.deltas.name, config)
 
 
 # -- prove / verify-proof -----------------------------------------------------------------
@@ -68,38 +86,143 @@ def _log(
 @click.command()
 @store_options
 @kafka_options
-@click.option("--shard", type=int, required=True, help="The shard (partition of the deltas topic).")
-@click.option("--offset", type=int, required=True, help="The delta's offset in that partition.")
+@click.option("--shard", type=int, multiple=True, help="The shard (partition of the deltas topic); with --id: "
+              "the shard(s) to search (repeatable; default every shard with a chain).")  # fmt: skip
+@click.option("--offset", type=int, help="The delta's offset in that partition (from `produce --report`).")
+@click.option("--id", "delta_id", metavar="ID", help="Find the delta by its `id` field, not --offset (see below).")
+@range_options
 @click.option("--hash-only", is_flag=True, help="Put only the value's hash (delta_hash) in the bundle, not the value.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the bundle here (default: stdout).")
 @fail_cleanly
 @_audit_errors
 def prove(
-    settings_path, redis_url, prefix, bootstrap, topic_prefix, declarations, kafka_config, shard, offset, hash_only, out
+    settings_path,
+    redis_url,
+    prefix,
+    bootstrap,
+    topic_prefix,
+    declarations,
+    kafka_config,
+    shard,
+    offset,
+    delta_id,
+    from_cycle,
+    to_cycle,
+    hash_only,
+    out,
 ) -> None:
-    """Write a self-contained JSON proof that the delta at OFFSET is in the committed chain.
+    """Write a self-contained JSON proof that one delta is in the committed chain.
 
-    The beat is found in Redis by binary search and replayed from Kafka; the
-    bundle is checked before it is written. Exit 2 when there is nothing to
-    prove (yet): the beat is not committed, the record is a tick marker, or
-    Kafka no longer holds the record.
+    Name the delta by --shard S --offset O (`produce --report` prints both), or
+    by --id ID. The beat is found in Redis by binary search and replayed from
+    Kafka; the bundle is checked before it is written. Exit 75 when the beat is
+    not committed yet (try again later), 1 when there is nothing to prove there
+    (a tick marker, no such record), 3 when Kafka no longer holds the record.
+
+    --id searches the committed beats of the shard(s) in the cycle range
+    --from/--to (default: the whole chain) in cycle order: it reads every record
+    of those beats from Kafka once and decodes it, so it costs as much as
+    `audit` over that range; narrow it with --shard and --from/--to. A value that
+    does not decode has no id to find: prove it by --offset.
     """
     from knhk_stream.audit.core import build_bundle
 
+    if (offset is None) == (delta_id is None):
+        raise click.UsageError("give --offset O (with --shard S) or --id ID")
+    if offset is not None and len(shard) != 1:
+        raise click.UsageError("--offset needs exactly one --shard S")
+    if offset is not None and (from_cycle is not None or to_cycle is not None):
+        raise click.UsageError("--from/--to only narrow the search of --id")
     settings = ChainSettings.from_toml(settings_path)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
-    bundle = build_bundle(open_store(settings, redis_url, prefix), settings, log, shard, offset, hash_only)
+    store = open_store(settings, redis_url, prefix)
+    if offset is not None:
+        where = (shard[0], offset)
+        _committed_yet(store, settings, *where)
+        log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+    else:
+        log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+        where = _find_id(store, log, shards_of(store, shard), delta_id, from_cycle, to_cycle)
+    bundle = build_bundle(store, settings, log, where[0], where[1], hash_only)
     text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
     if out is None:
         click.echo(text, nl=False)
     else:
         out.write_text(text, "utf-8")
-    where = f"written to {out}" if out else "written"
     click.echo(
-        f"proof of offset {offset} of shard {shard} (cycle {bundle['cycle']}, receipt {bundle['leaf_index'] + 1} "
-        f"of {bundle['tree_size']}) {where}; check it with `knhk-stream verify-proof`",
+        f"proof of offset {where[1]} of shard {where[0]} (cycle {bundle['cycle']}, leaf {bundle['leaf_index']} of "
+        f"{bundle['tree_size']}) {f'written to {out}' if out else 'written'}; check it with `knhk-stream verify-proof`",
         err=True,
     )
+
+
+def _committed_yet(store: LockchainStore, settings: ChainSettings, shard: int, offset: int) -> None:
+    """Exit 75 (try again later) when no committed beat reaches `offset` yet."""
+    head = store.head(shard)
+    ce = store.get(shard, head.cycle) if head is not None else None
+    if ce is None:
+        raise ExitWith(
+            f"shard {shard} of chain {settings.chain_id!r} has no committed entry under Redis prefix "
+            f"{store.prefix!r} yet: try again once peers commit (see `knhk-stream status`), or check "
+            "--prefix/--settings",
+            EXIT_NOT_YET,
+        )
+    if offset > ce.entry.last_offset:
+        raise ExitWith(
+            f"offset {offset} of shard {shard} is not committed yet (or not written yet): the committed head is "
+            f"cycle {ce.entry.cycle} (offsets {ce.entry.first_offset}..{ce.entry.last_offset}). Its beat is still "
+            f"open or waiting for a quorum; try again once it closes (a beat is {8 * settings.tick_ms} ms), or see "
+            "`knhk-stream status`",
+            EXIT_NOT_YET,
+        )
+
+
+def _find_id(
+    store: LockchainStore,
+    log: DeltaLog,
+    shards: list[int],
+    delta_id: str,
+    from_cycle: int | None,
+    to_cycle: int | None,
+) -> tuple[int, int]:
+    """(shard, offset) of the first delta with this id in the committed beats searched (see `prove --help`)."""
+    from knhk_stream.protocol.decode import Delta, decode_delta
+
+    found: list[tuple[int, int]] = []
+    read = 0
+    searched = []
+    for s in shards:
+        cycles = store.cycles(s, from_cycle, to_cycle)
+        first = store.get(s, cycles[0]) if cycles else None
+        last = store.get(s, cycles[-1]) if cycles else None
+        if first is None or last is None:
+            continue
+        searched.append(f"shard {s} cycles {cycles[0]}..{cycles[-1]}")
+        end = last.entry.last_offset
+        for r in log.read(s, first.entry.first_offset, end):
+            if r.offset > end:
+                break
+            read += 1
+            if not r.marker:
+                d = decode_delta(r.value, max_triples=1 << 62)
+                if isinstance(d, Delta) and d.id == delta_id:
+                    found.append((s, r.offset))
+        if found:
+            break
+    scope = "; ".join(searched) or "no committed beats"
+    if not found:
+        raise ExitWith(
+            f"no delta with id {delta_id!r} in the committed beats searched ({scope}; {read} records read). If it "
+            "was produced recently its beat may not be committed yet (see `knhk-stream status`); widen --from/--to "
+            "or --shard otherwise",
+            EXIT_ERROR,
+        )
+    others = ", ".join(f"offset {o}" for _, o in found[1:])
+    click.echo(
+        f"id {delta_id!r} found at shard {found[0][0]} offset {found[0][1]} ({read} records read)"
+        + (f"; it is also at {others} of that shard (sent twice?): prove those with --offset" if others else ""),
+        err=True,
+    )
+    return found[0]
 
 
 @click.command("verify-proof")
@@ -124,13 +247,13 @@ def verify_proof(bundle: IO[str], settings_path: Path, as_json: bool) -> None:
     else:
         check = verify_bundle(data, settings)
     if as_json:
-        click.echo(json.dumps(check.to_json(), indent=2))
+        echo_json(check.to_json())
     else:
         for step in check.steps:
             click.echo(f"{step.name:<11} {'OK' if step.ok else 'FAILED':<6} {step.message}")
         click.echo(f"proof OK: {check.message}" if check.ok else f"proof FAILED at step {check.failed_step}")
     if not check.ok:
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
 
 
 # -- audit --------------------------------------------------------------------------------
@@ -170,10 +293,10 @@ def audit(
         raise click.UsageError("give --shard S (repeatable) or --all-shards")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
     shards = list(shard) if shard else store.shards()
     if not shards:
-        raise ExitWith(f"no chain {settings.chain_id!r} under Redis prefix {prefix!r}: nothing to audit", 1)
+        raise ExitWith(f"no chain {settings.chain_id!r} under Redis prefix {prefix!r}: nothing to audit", EXIT_ERROR)
+    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
     reports = []
     for s in shards:
         total = store.count(s, from_cycle, to_cycle)
@@ -181,13 +304,13 @@ def audit(
             reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update))
     if as_json:
         for r in reports:
-            click.echo(json.dumps(r.to_json()))
+            echo_json(r.to_json())
     else:
         click.echo(_table(reports))
     if any(r.status == "FAILED" for r in reports):
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
     if any(r.status == "INCOMPLETE" for r in reports):
-        sys.exit(3)
+        sys.exit(EXIT_ATTENTION)
 
 
 def _table(reports: list[AuditReport]) -> str:

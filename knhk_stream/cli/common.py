@@ -7,7 +7,9 @@ plain install without the Kafka extra.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -21,11 +23,36 @@ from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.settings import ChainSettings
 
 if TYPE_CHECKING:
+    from knhk_stream.kafka.admin import ClientLog
     from knhk_stream.store import LockchainStore
 
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 F = Callable[..., Any]
+
+# The exit codes of every command (docs/cli.md, "Exit codes"; tests/cli/test_conventions.py).
+EXIT_OK = 0  # did what was asked, found nothing wrong
+EXIT_ERROR = 1  # one `Error:` line on stderr (unreachable service, bad input, a failed check)
+EXIT_USAGE = 2  # the option parser refused the command line (click's own code)
+EXIT_ATTENTION = 3  # done, but found a condition to act on: a stall, equivocation, records gone by retention
+EXIT_NOT_YET = 75  # not yet, try again later (EX_TEMPFAIL of sysexits.h): e.g. the beat is not committed yet
+
+KAFKA_TIMEOUT_ENV = "KNHK_KAFKA_TIMEOUT"
+
+
+def kafka_timeout() -> float:
+    """How long a one-shot command waits for Kafka to answer before it gives up (env KNHK_KAFKA_TIMEOUT, 5 s)."""
+    raw = os.environ.get(KAFKA_TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else 5.0
+    except ValueError:
+        raise click.ClickException(f"{KAFKA_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    return value if value > 0 else 5.0
+
+
+def echo_json(obj: Any) -> None:
+    """One JSON value on one line of stdout: the one --json shape (JSON Lines), docs/cli.md "JSON output"."""
+    click.echo(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
 
 
 class ExitWith(click.ClickException):
@@ -47,7 +74,7 @@ def fail_cleanly(fn: F) -> F:
             return fn(*args, **kwargs)
         except redis.ConnectionError as e:
             raise click.ClickException(
-                f"cannot reach Redis: {e}. Start Redis or pass --redis URL (or set KNHK_REDIS)."
+                f"cannot reach Redis: {str(e).rstrip('.')}. Start Redis or pass --redis URL (or set KNHK_REDIS)."
             ) from None
         except KnhkError as e:
             raise click.ClickException(str(e)) from None
@@ -56,6 +83,12 @@ def fail_cleanly(fn: F) -> F:
                 raise click.ClickException(
                     str(MissingExtra(f"`{click.get_current_context().command_path}`", "kafka"))
                 ) from None
+            raise
+        except Exception as e:
+            kafka = sys.modules.get("confluent_kafka")
+            if kafka is not None and isinstance(e, kafka.KafkaException):
+                err = e.args[0] if e.args else e
+                raise click.ClickException(f"Kafka: {err.str() if hasattr(err, 'str') else err}") from None
             raise
 
     return run
@@ -104,7 +137,8 @@ topic_prefix_option = click.option(
     "--topic-prefix",
     envvar="KNHK_TOPIC_PREFIX",
     default=None,
-    help="Use {prefix}.deltas, {prefix}.votes, {prefix}.roots instead of the declared names (env KNHK_TOPIC_PREFIX).",
+    metavar="P",
+    help="Use P.deltas, P.votes, P.roots instead of the declared names (env KNHK_TOPIC_PREFIX).",
 )
 declarations_option = click.option(
     "--declarations",
@@ -132,8 +166,36 @@ def parse_kafka_config(items: tuple[str, ...]) -> dict[str, str]:
 
 
 def resolve_topics(declarations: Path | None, topic_prefix: str | None) -> Topics:
-    topics = load_topics(declarations)
+    try:
+        topics = load_topics(declarations)
+    except (OSError, ValueError) as e:
+        raise click.ClickException(f"cannot load the topic declarations: {e}") from None
     return topics.renamed(topic_prefix) if topic_prefix else topics
+
+
+def client_config(kafka_config: tuple[str, ...]) -> tuple[dict[str, Any], ClientLog]:
+    """The --kafka-config settings plus a logger that routes librdkafka's log through ours.
+
+    Every Kafka client a command makes gets these, so that an unreachable broker
+    does not flood stderr: the client's lines go, deduplicated, to the logger
+    `knhk_stream.kafka.client` at DEBUG (`--log-level debug` shows them), and the
+    command quotes the last one in its own one-line error.
+    """
+    from knhk_stream.kafka.admin import ClientLog
+
+    log = ClientLog()
+    return {**parse_kafka_config(kafka_config), **log.config()}, log
+
+
+def require_kafka(bootstrap: str, config: dict[str, Any], log: ClientLog, advice: str = "") -> dict[str, int]:
+    """Partition counts of the visible topics, or one `Error:` line (exit 1) once Kafka did not answer in time."""
+    from knhk_stream.errors import TopicsError
+    from knhk_stream.kafka.admin import Admin, partition_counts
+
+    try:
+        return partition_counts(Admin(bootstrap, config, log), kafka_timeout())
+    except TopicsError as e:
+        raise click.ClickException(f"{e}{advice}") from None
 
 
 def setup_logging(level: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -13,10 +13,15 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from knhk_stream.cli.common import (
+    EXIT_ERROR,
     bootstrap_option,
+    client_config,
     declarations_option,
+    echo_json,
+    fail_cleanly,
     kafka_config_option,
-    parse_kafka_config,
+    kafka_timeout,
+    require_kafka,
     resolve_topics,
     topic_prefix_option,
 )
@@ -24,6 +29,7 @@ from knhk_stream.errors import TopicsError
 
 if TYPE_CHECKING:
     from knhk_stream.kafka.admin import ClientLog, TopicResult
+    from knhk_stream.protocol.decode import Delta
 
 # -- topics -------------------------------------------------------------------------------
 
@@ -41,7 +47,8 @@ def topics() -> None:
 @kafka_config_option
 @click.option("--check", "check_only", is_flag=True, help="Only check the topics; create and change nothing.")
 @click.option("--fix-config", is_flag=True, help="Set declared config values that differ on the broker.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON report instead of lines.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of lines.")
+@fail_cleanly
 def topics_apply(
     bootstrap: str,
     declarations: Path | None,
@@ -61,21 +68,19 @@ def topics_apply(
 
     if check_only and fix_config:
         raise click.UsageError("--check changes nothing; drop --fix-config, or --check to fix the config")
-    try:
-        declared = resolve_topics(declarations, topic_prefix)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"cannot load the topic declarations: {e}") from None
+    declared = resolve_topics(declarations, topic_prefix)
     if partitions is not None:
         declared = declared.with_partitions(partitions)
+    config, _log = client_config(kafka_config)
     try:
         results = apply_topics(
-            bootstrap, declared, parse_kafka_config(kafka_config), check_only, fix_config, strict=False
+            bootstrap, declared, config, check_only, fix_config, strict=False, timeout=kafka_timeout()
         )
     except (TopicsError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     ok = all(r.ok for r in results)
     if as_json:
-        click.echo(json.dumps({"bootstrap": bootstrap, "ok": ok, "topics": [r.to_json() for r in results]}))
+        echo_json({"bootstrap": bootstrap, "ok": ok, "topics": [r.to_json() for r in results]})
     else:
         for r in results:
             _print_result(r)
@@ -83,8 +88,8 @@ def topics_apply(
         bad = [r.name for r in results if not r.ok]
         only_missing = all(r.status == "missing" for r in results if not r.ok)
         hint = "run without --check to create them" if check_only and only_missing else "see above"
-        click.echo(f"error: {len(bad)} topic(s) not as declared: {', '.join(bad)} ({hint})", err=True)
-        sys.exit(1)
+        click.echo(f"Error: {len(bad)} topic(s) not as declared: {', '.join(bad)} ({hint})", err=True)
+        sys.exit(EXIT_ERROR)
 
 
 def _print_result(r: TopicResult) -> None:
@@ -103,22 +108,19 @@ def _print_result(r: TopicResult) -> None:
 
 
 class _BadLine(Exception):
-    """An input line that cannot be sent in the chosen format."""
+    """An input line that is not a delta (unless --as-is)."""
 
 
-def _avro_line(line: bytes, number: int) -> bytes:
-    """Re-encode one JSON Lines delta as Avro; `_BadLine` names the line number."""
-    from knhk_stream.kafka.producer import parse_delta_json
-    from knhk_stream.protocol.decode import encode_avro
+def _delta(line: bytes, number: int) -> Delta:
+    """The delta of one JSON Lines line, checked strictly; `_BadLine` names the line and the field."""
+    from knhk_stream.kafka.producer import DeltaInputError, delta_from_json
 
     try:
-        return encode_avro(parse_delta_json(line.decode("utf-8")))
-    except UnicodeDecodeError as e:
-        raise _BadLine(f"line {number} is not UTF-8 ({e})") from None
-    except json.JSONDecodeError as e:
-        raise _BadLine(f"line {number} is not valid JSON ({e})") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise _BadLine(f"line {number} is not a delta ({type(e).__name__}: {e})") from None
+        return delta_from_json(line)
+    except DeltaInputError as e:
+        if not e.field and str(e).startswith("is not"):
+            raise _BadLine(f"line {number} {e}") from None  # "line 5 is not valid JSON (...)"
+        raise _BadLine(f"line {number}: {e}") from None
 
 
 def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
@@ -130,13 +132,13 @@ def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
 
 
 def _prescan(stream: IO[bytes], validate: bool) -> int:
-    """Count the deltas of a seekable input (for the progress bar) and, for Avro, check every
-    line first, so that a bad line stops the run before anything was sent (no duplicates on retry)."""
+    """Count the deltas of a seekable input (for the progress bar) and check every line first,
+    so that a bad line stops the run before anything was sent (no duplicates on retry)."""
     start = stream.tell()
     count = 0
     for number, line in _lines(stream):
         if validate:
-            _avro_line(line, number)
+            _delta(line, number)
         count += 1
     stream.seek(start)
     return count
@@ -152,6 +154,28 @@ def _progress(quiet: bool, total: int | None, label: str) -> AbstractContextMana
     return click.progressbar(length=total, label=label, file=stderr, show_pos=True, show_eta=True)
 
 
+class _Report:
+    """`--report`: one JSON line per delta once the broker acknowledged it (or did not)."""
+
+    def __init__(self, out: IO[str] | None, topic: str) -> None:
+        self.out, self.topic = out, topic
+
+    def callback(self, line: int, delta_id: str | None) -> Callable[[Any, Any], None] | None:
+        if self.out is None:
+            return None
+        out, topic = self.out, self.topic
+
+        def delivered(err: Any, msg: Any) -> None:
+            row: dict[str, Any] = {"line": line, "id": delta_id, "topic": topic}
+            if err is None:
+                row |= {"partition": msg.partition(), "offset": msg.offset()}
+            else:
+                row |= {"partition": None, "offset": None, "error": str(err)}
+            out.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+        return delivered
+
+
 @click.command()
 @bootstrap_option
 @click.option("--topic", help="Topic to write to (default: the declared deltas topic).")
@@ -159,11 +183,14 @@ def _progress(quiet: bool, total: int | None, label: str) -> AbstractContextMana
 @declarations_option
 @click.option(
     "--format", "fmt", type=click.Choice(["avro", "json"]), default="avro", show_default=True,
-    help="Record value encoding: Avro single-object, or JSON.",
+    help="Record value encoding: Avro single-object, or JSON (each line sent byte for byte).",
 )  # fmt: skip
 @kafka_config_option
 @click.argument("file", required=False, type=click.File("rb"))
-@click.option("--as-is", is_flag=True, help="With --format avro: send lines that are not JSON deltas unchanged.")
+@click.option(
+    "--as-is", is_flag=True,
+    help="Send lines that are not deltas unchanged (to test how peers reject them) instead of refusing them.",
+)  # fmt: skip
 @click.option("--synthetic", type=click.IntRange(min=0), metavar="N", help="Send N synthetic deltas instead of FILE.")
 @click.option("--rate", type=click.FloatRange(min=0), default=0, show_default=True, help="Deltas/s; 0: flat out.")
 @click.option(
@@ -171,7 +198,13 @@ def _progress(quiet: bool, total: int | None, label: str) -> AbstractContextMana
     help="With --synthetic: every K-th delta is malformed bytes (0: none).",
 )  # fmt: skip
 @click.option("--partition", type=click.IntRange(min=0), help="Write every delta to this partition (shard).")
+@click.option(
+    "--report", type=click.File("w", encoding="utf-8", lazy=False), metavar="FILE|-",
+    help='One JSON line per delta, as the broker acknowledges it: {"line", "id", "topic", "partition", "offset"} '
+    '(with "error" when it was not delivered); - for stdout. The partition is the shard, for `prove`.',
+)  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@fail_cleanly
 def produce(
     bootstrap: str,
     topic: str | None,
@@ -185,68 +218,69 @@ def produce(
     rate: float,
     malformed_every: int,
     partition: int | None,
+    report: IO[str] | None,
     quiet: bool,
 ) -> None:
     """Write deltas to the deltas topic: from FILE (JSON Lines, `-` for stdin) or --synthetic N.
 
-    Each non-blank line of FILE is one delta. With --format json it is sent as
-    it is; with --format avro it is parsed and re-encoded as Avro.
+    Each non-blank line of FILE is one delta, checked first: an object with
+    additions and/or removals (arrays of {"s", "p", "o", "g"?}), optional id and
+    actor, nothing else. A line that is not a delta stops the run, naming the
+    line and the field (with a seekable FILE before anything is sent), unless
+    --as-is. With --format json each line is sent byte for byte; with avro it
+    is re-encoded.
     """
-    from knhk_stream.kafka.admin import ClientLog
     from knhk_stream.kafka.producer import DeltaProducer, synthetic_deltas
 
     if (file is None) == (synthetic is None):
         raise click.UsageError("give either FILE (JSON Lines, - for stdin) or --synthetic N, not both or neither")
     if malformed_every and synthetic is None:
         raise click.UsageError("--malformed-every only applies to --synthetic")
-    config = parse_kafka_config(kafka_config)
+    config, log = client_config(kafka_config)
     if topic is None:
-        try:
-            topic = resolve_topics(declarations, topic_prefix).deltas.name
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f"cannot load the topic declarations: {e}") from None
-    _check_topic(bootstrap, config, topic, partition)
+        topic = resolve_topics(declarations, topic_prefix).deltas.name
+    _check_topic(bootstrap, config, log, topic, partition)
 
-    to_avro = fmt == "avro" and not as_is
+    validate = not as_is
     total: int | None = synthetic
     if file is not None and file.seekable():
         try:
-            total = _prescan(file, to_avro)
+            total = _prescan(file, validate)
         except _BadLine as e:
             raise click.ClickException(
                 f"{e}; nothing was sent. Fix the line, or pass --as-is to send it unchanged."
             ) from None
 
-    log = ClientLog()
     try:
-        producer = DeltaProducer(bootstrap, topic, fmt=fmt, kafka_config={**config, **log.config()})
+        producer = DeltaProducer(bootstrap, topic, fmt=fmt, kafka_config=config)
     except Exception as e:  # e.g. a bad --kafka-config value only the producer checks
         raise click.ClickException(f"cannot create the Kafka producer: {e}; check --kafka-config") from None
+    reports = _Report(report, topic)
 
-    def values() -> Iterator[bytes]:
+    def values() -> Iterator[tuple[int, str | None, bytes]]:
+        """(line number or synthetic index, delta id, record value)."""
         if synthetic is not None:
-            for d in synthetic_deltas(synthetic, malformed_every=malformed_every):
-                yield d if isinstance(d, bytes) else producer.encode(d)
+            for i, d in enumerate(synthetic_deltas(synthetic, malformed_every=malformed_every), 1):
+                yield (i, None, d) if isinstance(d, bytes) else (i, d.id, producer.encode(d))
             return
         assert file is not None
         for number, line in _lines(file):
-            if fmt == "json":
-                yield line
-            elif to_avro:
-                yield _avro_line(line, number)
-            else:  # --as-is: Avro where the line is a delta, the line itself otherwise
-                try:
-                    yield _avro_line(line, number)
-                except _BadLine:
-                    yield line
+            try:
+                delta = _delta(line, number)
+            except _BadLine:
+                if validate:
+                    raise
+                yield number, None, line  # --as-is
+                continue
+            yield number, delta.id, line if fmt == "json" else producer.encode(delta)
 
     step = max(1, min(1000, int(rate // 50))) if rate else 1000  # ~20 ms of deltas between sleeps
     started = time.monotonic()
     sent = 0
     with _progress(quiet, total, f"producing to {topic}") as bar:
         try:
-            for value in values():
-                producer.send_raw(value, partition=partition)
+            for number, delta_id, value in values():
+                producer.send_raw(value, partition=partition, on_delivery=reports.callback(number, delta_id))
                 sent += 1
                 if sent % step == 0:
                     if bar is not None:
@@ -263,28 +297,26 @@ def produce(
         if bar is not None:
             bar.update(sent % step)
         _flush(producer, log)
+    if report is not None:
+        report.flush()
     seconds = time.monotonic() - started
     speed = sent / seconds if seconds > 0 else 0.0
-    click.echo(f"sent {sent} deltas to {topic} ({fmt}) in {seconds:.2f} s, {speed:,.0f} deltas/s")
+    summary = f"sent {sent} deltas to {topic} ({fmt}) in {seconds:.2f} s, {speed:,.0f} deltas/s"
+    click.echo(summary, err=report is not None and report.name == "<stdout>")
 
 
 def _flush(producer: Any, log: ClientLog) -> None:
     """Wait for delivery; undelivered deltas are an error the user must know about."""
     try:
-        producer.flush()
+        producer.flush(kafka_timeout() * 6)
     except RuntimeError as e:
         raise click.ClickException(f"{e}{log.hint()}. Check that the broker is up and the topic writable.") from None
 
 
-def _check_topic(bootstrap: str, config: dict[str, str], topic: str, partition: int | None) -> None:
+def _check_topic(bootstrap: str, config: dict[str, Any], log: ClientLog, topic: str, partition: int | None) -> None:
     """Refuse a missing topic (a producer would make the broker auto-create it with its default
     partition count, which then disagrees with the declarations) and a partition out of range."""
-    from knhk_stream.kafka.admin import Admin, partition_counts
-
-    try:
-        counts = partition_counts(Admin(bootstrap, config))
-    except TopicsError as e:
-        raise click.ClickException(str(e)) from None
+    counts = require_kafka(bootstrap, config, log)
     if not counts.get(topic):
         raise click.ClickException(
             f"topic {topic!r} does not exist at {bootstrap}; create it with `knhk-stream topics apply` "

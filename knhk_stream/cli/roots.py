@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,11 +11,15 @@ from pathlib import Path
 import click
 
 from knhk_stream.cli.common import (
+    EXIT_ERROR,
+    EXIT_NOT_YET,
     bootstrap_option,
+    client_config,
     declarations_option,
+    echo_json,
     fail_cleanly,
     kafka_config_option,
-    parse_kafka_config,
+    require_kafka,
     resolve_topics,
     settings_option,
     setup_logging,
@@ -48,9 +52,25 @@ def roots() -> None:
     is_flag=True,
     help="Start at the first root (default: at the end), where the group has no committed offset.",
 )
-@click.option("--max", "max_roots", type=click.IntRange(min=1), help="Stop after this many roots.")
+@click.option(
+    "--limit", "--max", "limit", type=click.IntRange(min=1), metavar="N",
+    help="Stop after N roots (--max is the old name).",
+)  # fmt: skip
+@click.option(
+    "--exit-at-end", "-e", is_flag=True,
+    help="Stop at the end of the topic (like kcat -e): once this member holds its shards and no root arrives "
+    "for a second.",
+)  # fmt: skip
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), metavar="S",
+    help="Stop when no root arrived for S seconds; exit 75 if none was shown at all.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one root per line.")
-@click.option("--log-level", default="error", show_default=True, envvar="KNHK_LOG_LEVEL")
+@click.option(
+    "--log-level", default="error", show_default=True, envvar="KNHK_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="debug also shows the Kafka client's own lines (env KNHK_LOG_LEVEL).",
+)  # fmt: skip
 @fail_cleanly
 def tail(
     settings_path: Path,
@@ -60,7 +80,9 @@ def tail(
     kafka_config: tuple[str, ...],
     group_id: str | None,
     from_beginning: bool,
-    max_roots: int | None,
+    limit: int | None,
+    exit_at_end: bool,
+    timeout: float | None,
     as_json: bool,
     log_level: str,
 ) -> None:
@@ -69,16 +91,16 @@ def tail(
     Each root is checked first: its entry hash, chain id, shard and key, its
     quorum signatures under the chain settings, and its link to the root before
     it. Duplicates are dropped; a record that fails a check is not printed but
-    reported on stderr, and the exit status is then 1.
+    reported on stderr, and the exit status is then 1. Runs until Ctrl-C,
+    --limit, --exit-at-end or --timeout.
     """
     from knhk_stream.kafka.roots import InvalidRoot, RootsReader
 
     setup_logging(log_level)
     settings = ChainSettings.from_toml(settings_path)
-    try:
-        topics = resolve_topics(declarations, topic_prefix)
-    except (OSError, ValueError) as e:
-        raise click.ClickException(f"cannot load the topic declarations: {e}") from None
+    topics = resolve_topics(declarations, topic_prefix)
+    config, log = client_config(kafka_config)
+    require_kafka(bootstrap, config, log)
 
     def report(_record: Record, problem: InvalidRoot) -> None:
         click.echo(f"INVALID {problem}", err=True)
@@ -90,27 +112,48 @@ def tail(
             group_id=group_id or f"knhk.roots.tail.{uuid.uuid4().hex[:12]}",
             topic=topics.roots.name,
             start="beginning" if from_beginning else "end",
-            kafka_config=parse_kafka_config(kafka_config),
+            kafka_config=config,
             on_invalid=report,
         )
     except (ConnectionError, LookupError) as e:
         raise click.ClickException(str(e)) from None
     shown = 0
+    idle_since = time.monotonic()
+    why = "interrupted"
     try:
-        for ce in reader:
+        while True:
+            ce = reader.poll(0.25)
+            now = time.monotonic()
+            if ce is None:
+                if exit_at_end and reader.assignment and now - idle_since >= 1.0:
+                    why = "at the end of the topic"
+                    break
+                if timeout is not None and now - idle_since >= timeout:
+                    why = f"no root for {timeout:g} s"
+                    break
+                continue
+            idle_since = now
             threshold = settings.epoch_for(ce.entry.cycle).threshold
-            click.echo(json.dumps(ce.to_json(), separators=(",", ":")) if as_json else _line(ce, threshold))
+            if as_json:
+                echo_json(ce.to_json())
+            else:
+                click.echo(_line(ce, threshold))
             shown += 1
-            if max_roots is not None and shown >= max_roots:
+            if limit is not None and shown >= limit:
+                why = f"--limit {limit} reached"
                 break
     except KeyboardInterrupt:
         pass
     finally:
         reader.close()
     s = reader.stats
-    click.echo(f"{shown} roots shown, {s['duplicates']} duplicates dropped, {s['invalid']} invalid records", err=True)
+    click.echo(
+        f"{shown} roots shown, {s['duplicates']} duplicates dropped, {s['invalid']} invalid records ({why})", err=True
+    )
     if s["invalid"]:
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
+    if timeout is not None and not shown and why.startswith("no root"):
+        sys.exit(EXIT_NOT_YET)
 
 
 def _line(ce: CommittedEntry, threshold: int) -> str:

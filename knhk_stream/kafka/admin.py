@@ -30,7 +30,9 @@ __all__ = [
     "TopicResult",
     "TopicsError",
     "apply_topics",
+    "check_peer_topics",
     "create_topics",
+    "kafka_unreachable",
     "log_append_time_problem",
     "partition_counts",
     "require_log_append_time",
@@ -71,23 +73,46 @@ class TopicResult:
 
 
 class ClientLog(logging.Handler):
-    """Keeps librdkafka's last warning instead of printing every retry to stderr.
+    """librdkafka's log through the tool's own logging: deduplicated, at DEBUG unless asked, the last error kept.
 
-    An unreachable broker makes librdkafka log a line every 50 ms; the last one
-    (e.g. "Connection refused", "SASL authentication error") is what the user
-    needs, so errors quote it (`ClientLog.hint`).
+    Without a logger, librdkafka prints every line to stderr itself (an unreachable
+    broker gives one `%3|...|FAIL|` line every 50 ms per client). With this handler
+    each distinct line goes to the logger `knhk_stream.kafka.client` once per
+    `interval_s` seconds, with the count of repeats it stood for, at `level`
+    (DEBUG: shown only with --log-level debug). The last warning or error (e.g.
+    "Connection refused", "SASL authentication error") is kept, so that the
+    tool's own one-line errors can quote it (`hint`).
     """
 
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
+    LOGGER = "knhk_stream.kafka.client"
+
+    def __init__(self, level: int = logging.DEBUG, interval_s: float = 30.0) -> None:
+        super().__init__(logging.DEBUG)
         self.last: str | None = None
+        self.out_level = level
+        self.interval_s = interval_s
+        self.out = logging.getLogger(self.LOGGER)
+        self._seen: dict[tuple[int, str], list[float]] = {}  # (level, text) -> [last shown, repeats since]
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        self.last = message.split("]: ", 1)[-1]  # drop "FAIL [rdkafka#producer-1] [thrd:...]: "
+        text = message.split("]: ", 1)[-1]  # drop "FAIL [rdkafka#producer-1] [thrd:...]: "
+        if record.levelno >= logging.WARNING:
+            self.last = text
+        now = time.monotonic()
+        key = (record.levelno, text)
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            seen[1] += 1
+            return
+        repeats = f" (repeated {seen[1]:.0f} times in {now - seen[0]:.0f} s)" if seen and seen[1] else ""
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = [now, 0]
+        self.out.log(self.out_level, "librdkafka %s: %s%s", record.levelname.lower(), message, repeats)
 
     def config(self) -> dict[str, Any]:
-        """Client settings that route its log here (logs arrive on poll/flush)."""
+        """Client settings that route its log here (logs arrive on poll/consume/flush)."""
         logger = logging.Logger("knhk_stream.kafka")  # unregistered: one per client, not kept forever
         logger.addHandler(self)
         return {"logger": logger}
@@ -99,12 +124,15 @@ class ClientLog(logging.Handler):
 class Admin:
     """An AdminClient with its bootstrap address and log, for error messages that say what failed.
 
-    A bad --kafka-config key becomes a TopicsError the user can act on.
+    A bad --kafka-config key becomes a TopicsError the user can act on. `log`: the
+    ClientLog to route the client's log to (default: one of its own).
     """
 
-    def __init__(self, bootstrap: str, kafka_config: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, bootstrap: str, kafka_config: Mapping[str, Any] | None = None, log: ClientLog | None = None
+    ) -> None:
         self.bootstrap = bootstrap
-        self.log = ClientLog()
+        self.log = log or ClientLog()
         try:
             self.client = AdminClient({"bootstrap.servers": bootstrap, **(kafka_config or {}), **self.log.config()})
         except KafkaException as e:
@@ -114,21 +142,53 @@ class Admin:
         self.client.poll(0)  # deliver queued log lines
         return self.log.hint()
 
+    def last_log(self) -> str | None:
+        """The client's last warning or error line (e.g. "Connection refused"), if any."""
+        self.client.poll(0)
+        return self.log.last
+
+
+def kafka_unreachable(bootstrap: str, seconds: float, why: str) -> str:
+    """The one line every command gives when Kafka does not answer; `why`: the client's last complaint."""
+    return (
+        f"cannot reach Kafka at {bootstrap} after {seconds:g} s ({why}). Is the broker running? "
+        "Check --bootstrap (env KNHK_BOOTSTRAP) and, for SASL/TLS, --kafka-config"
+    )
+
 
 def partition_counts(admin: Admin, timeout: float = 10.0) -> dict[str, int]:
     """Partition count of every visible topic, asked without naming topics (see module doc)."""
     try:
         metadata = admin.client.list_topics(timeout=timeout)
     except KafkaException as e:
-        raise TopicsError(
-            f"cannot read topic metadata from Kafka at {admin.bootstrap}: {e.args[0].str()}{admin.hint()}. "
-            "Is the broker running? Check --bootstrap (env KNHK_BOOTSTRAP) and, for SASL/TLS, --kafka-config."
-        ) from None
+        raise TopicsError(kafka_unreachable(admin.bootstrap, timeout, admin.last_log() or e.args[0].str())) from None
     return {
         name: len(meta.partitions)
         for name, meta in metadata.topics.items()
         if meta.error is None or meta.error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART
     }
+
+
+def check_peer_topics(admin: Admin, topics: Topics, timeout: float = 10.0) -> int:
+    """The shard count, once the deltas, votes and roots topics exist with one partition per shard each.
+
+    What a worker checks before it joins its consumer group; TopicsError (one line, with the fix) otherwise.
+    """
+    counts = partition_counts(admin, timeout)
+    missing = [t.name for t in (topics.deltas, topics.votes, topics.roots) if not counts.get(t.name)]
+    if missing:
+        raise TopicsError(
+            f"topic(s) {', '.join(map(repr, missing))} do not exist at {admin.bootstrap}: create them with "
+            "`knhk-stream topics apply` (with the same --topic-prefix / --declarations), or check --topic-prefix"
+        )
+    shards = counts[topics.deltas.name]
+    wrong = [f"{t.name!r} has {counts[t.name]}" for t in (topics.votes, topics.roots) if counts[t.name] != shards]
+    if wrong:
+        raise TopicsError(
+            f"the votes and roots topics need one partition per shard, as many as the deltas topic "
+            f"{topics.deltas.name!r} has ({shards}): {'; '.join(wrong)}"
+        )
+    return shards
 
 
 def _partition_problem(spec: TopicSpec, found: int) -> str:
@@ -337,10 +397,14 @@ def topic_configs(admin: Admin, topic: str, timeout: float = 10.0) -> dict[str, 
 
 
 def require_log_append_time(
-    bootstrap: str, topic: str, kafka_config: Mapping[str, str] | None = None, timeout: float = 10.0
+    bootstrap: str,
+    topic: str,
+    kafka_config: Mapping[str, Any] | None = None,
+    timeout: float = 10.0,
+    admin: Admin | None = None,
 ) -> None:
     """Raise TopicsError (one line, with the fix) unless the deltas topic uses LogAppendTime."""
-    admin = Admin(bootstrap, kafka_config)
+    admin = admin or Admin(bootstrap, kafka_config)
     found = topic_configs(admin, topic, timeout)
     problem = log_append_time_problem(topic, found, bootstrap)
     if problem:

@@ -9,15 +9,17 @@ Usage::
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 from knhk_stream.errors import TansuNotFoundError
 from knhk_stream.kafka.admin import create_topics  # kept here for callers of the old home
 
-__all__ = ["EmbeddedBroker", "TansuNotFoundError", "create_topics", "tansu_binary"]
+__all__ = ["EmbeddedBroker", "TansuNotFoundError", "create_topics", "port_in_use", "tansu_binary"]
 
 ENV_VAR = "KNHK_TANSU_BIN"
 
@@ -78,12 +80,32 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _port_open(port: int) -> bool:
+def port_in_use(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:`port`."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
     except OSError:
         return False
+
+
+_port_open = port_in_use
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn (Linux) that makes the child get SIGINT when its parent dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+    def set_signal() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGINT), 0, 0, 0)
+
+    return set_signal
 
 
 class EmbeddedBroker:
@@ -101,7 +123,11 @@ class EmbeddedBroker:
         stop_timeout: float = 3.0,
         binary: str | None = None,
         extra_args: Sequence[str] = (),
+        die_with_parent: bool = False,
     ) -> None:
+        """`die_with_parent` (Linux): the broker stops when this process dies, even when it is killed
+        (SIGKILL) and cannot stop it; only for a broker started from the main thread (`dev`)."""
+        self._die_with_parent = die_with_parent
         self._requested_port = port
         self._log_path = Path(log_path) if log_path is not None else None
         self.startup_timeout = startup_timeout
@@ -162,7 +188,13 @@ class EmbeddedBroker:
         cmd += self._extra_args
         assert self._log_path is not None
         with open(self._log_path, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent() if self._die_with_parent else None,
+            )
         self._port = port
         deadline = time.monotonic() + self.startup_timeout
         while not _port_open(port):

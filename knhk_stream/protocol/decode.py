@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import json
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import fastavro
+import msgspec
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 MALFORMED = "malformed"
 EMPTY = "empty"
@@ -241,8 +243,109 @@ def _fast_json(value: bytes) -> Delta | None:
     return _new(Delta, (tuple(a), tuple(r), did, actor))
 
 
+# The native fast path (msgspec): the delta's shape as typed structs, so that msgspec decodes and
+# type-checks in C. Nothing else may be in the text: unknown fields are refused, and a term must be
+# 1 to _SHORT code points (g: at most _SHORT), so that what it accepts needs no term check.
+_Term = Annotated[str, Meta(min_length=1, max_length=_SHORT)]
+_Graph = Annotated[str, Meta(max_length=_SHORT)]
+
+
+class NativeTriple(Struct, forbid_unknown_fields=True, gc=False):
+    """A triple object as native_json decodes it: g is UNSET when the object has no "g"."""
+
+    s: _Term
+    p: _Term
+    o: _Term
+    g: _Graph | UnsetType | None = UNSET
+
+
+class NativeDelta(Struct, forbid_unknown_fields=True, gc=False):
+    """A JSON delta as native_json decodes it: UNSET for each field the object does not have."""
+
+    additions: list[NativeTriple] | UnsetType = UNSET
+    removals: list[NativeTriple] | UnsetType = UNSET
+    id: str | UnsetType = UNSET
+    actor: str | UnsetType = UNSET
+
+
+_NATIVE = msgspec.json.Decoder(NativeDelta).decode
+_BACKSLASH = ord("\\")
+_QUOTE = ord('"')
+
+
+def native_json(value: bytes) -> NativeDelta | None:
+    """The common JSON delta as msgspec decodes it, or None when anything is unusual.
+
+    Whatever this accepts, the full path (decode_delta) reads as the same delta: the same terms,
+    id and actor (UNSET there is None), and its terms need no term check. None sends the value on
+    (`_fast_json`, then the full path), which decides and explains.
+
+    What msgspec accepts here is strict RFC 8259 JSON of the delta's exact shape: an object of
+    the four fields, arrays of triple objects, strings (and a null g), at most 3 levels deep, so
+    the depth rule, numbers and NaN/Infinity cannot arise; a byte-order mark, control characters
+    and trailing bytes are refused by msgspec, and invalid UTF-8 by Python's own decoder. Any
+    backslash is declined, so no escape (a lone surrogate, an escaped quote) is left to msgspec
+    either. msgspec keeps the last of repeated keys without a word, so they are found by
+    counting: without backslashes every `"` opens or closes a string, so a text without repeated
+    keys has exactly two for each key and string value that the decoded structs hold, and a
+    repeated key, anywhere, adds at least its own two.
+    """
+    if _BACKSLASH in value:
+        return None
+    if not value.isascii():
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    try:
+        d = _NATIVE(value)
+    except Exception:  # msgspec.DecodeError or ValidationError: the other paths decide
+        return None
+    strings = 0  # keys and string values held by d
+    for items in (d.additions, d.removals):
+        if items is not UNSET:
+            strings += 1 + 6 * len(items)  # the key; "s", "p", "o" and their values
+            for t in items:
+                g = t.g
+                if g is not UNSET:
+                    strings += 1 if g is None else 2
+    if d.id is not UNSET:
+        strings += 2
+    if d.actor is not UNSET:
+        strings += 2
+    if value.count(_QUOTE) != 2 * strings:
+        return None  # a repeated key
+    return d
+
+
+def _native_triples(items: list[NativeTriple] | UnsetType) -> tuple[Triple, ...]:
+    if not items:
+        return ()
+    return tuple([_new(Triple, (t.s, t.p, t.o, None if t.g is UNSET else t.g)) for t in items])
+
+
+def _native_json(value: bytes) -> Delta | None:
+    """native_json's delta as a Delta (None: declined)."""
+    d = native_json(value)
+    if d is None:
+        return None
+    did, actor = d.id, d.actor
+    return _new(
+        Delta,
+        (
+            _native_triples(d.additions),
+            _native_triples(d.removals),
+            None if did is UNSET else did,
+            None if actor is UNSET else actor,
+        ),
+    )
+
+
 def _decode_json(value: bytes) -> Delta:
-    too_deep = _depth_problem(value)  # before any parsing, the fast path's included
+    native = _native_json(value)  # what it accepts is at most 3 levels deep
+    if native is not None:
+        return native
+    too_deep = _depth_problem(value)  # before any other parsing, the Python fast path's included
     if too_deep:
         raise _Malformed(f"not a JSON delta: {too_deep}")
     fast = _fast_json(value)
@@ -343,6 +446,77 @@ def _fast_avro(value: bytes) -> Delta | None:
     return _new(Delta, (tuple(adds), tuple(rems), did, actor))
 
 
+AvroTerms = tuple[bytes, bytes, bytes, bytes | None]
+
+
+def avro_ascii_terms(value: bytes) -> tuple[list[AvroTerms], list[AvroTerms]] | None:
+    """The additions and removals of an `io.knhk.Delta` whose body is all ASCII, each triple as
+    the UTF-8 bytes of (s, p, o, g or None); None for anything else.
+
+    An ASCII body has only one-byte varints (lengths and counts below 64) and valid UTF-8, so
+    this reads it with a few byte operations and no str. Whatever it accepts, decode_delta reads
+    as the same triples, with no term to check (it declines an empty s, p or o); the caller
+    checks the count. None: ask decode_valid (`_fast_avro`, then fastavro).
+    """
+    if value[2:10] != AVRO_FINGERPRINT:
+        return None
+    b = value[10:]
+    if not b.isascii():
+        return None
+    sides: tuple[list[AvroTerms], list[AvroTerms]] = ([], [])
+    try:
+        x = b[0]
+        if x & 1:  # odd: a negative zig-zag length
+            return None
+        i = 1 + (x >> 1)  # past the id
+        for out in sides:
+            c = b[i]
+            i += 1
+            while c:
+                if c & 1:  # a negative count: a block with its byte size, left to the other paths
+                    return None
+                for _ in range(c >> 1):
+                    x = b[i]
+                    if x & 1 or not x:
+                        return None
+                    j = i + 1 + (x >> 1)
+                    s = b[i + 1 : j]
+                    x = b[j]
+                    if x & 1 or not x:
+                        return None
+                    i = j + 1 + (x >> 1)
+                    p = b[j + 1 : i]
+                    x = b[i]
+                    if x & 1 or not x:
+                        return None
+                    j = i + 1 + (x >> 1)
+                    o = b[i + 1 : j]
+                    x = b[j]  # the union's branch: 0 null, 2 string
+                    if x == 0:
+                        g = None
+                        i = j + 1
+                    elif x == 2:
+                        x = b[j + 1]
+                        if x & 1:
+                            return None
+                        i = j + 2 + (x >> 1)
+                        g = b[j + 2 : i]
+                    else:
+                        return None
+                    out.append((s, p, o, g))
+                c = b[i]
+                i += 1
+        x = b[i]  # the actor
+        if x & 1:
+            return None
+        i += 1 + (x >> 1)
+    except IndexError:  # a length past the end
+        return None
+    if i != len(b):  # a short last string, or trailing bytes
+        return None
+    return sides
+
+
 def _decode_avro(value: bytes) -> Delta:
     if value[2:10] != AVRO_FINGERPRINT:
         raise _Malformed(f"unknown Avro schema fingerprint {value[2:10].hex()}")
@@ -428,9 +602,13 @@ def decode_valid(value: bytes, max_triples: int = 1024) -> Delta | None:
     """
     if value[:2] == AVRO_MAGIC:
         delta = _fast_avro(value) if value[2:10] == AVRO_FINGERPRINT else None
-    elif value.count(b"[") + value.count(b"{") > MAX_DEPTH and _depth_problem(value):
-        return None  # malformed: decode_delta explains
     else:
+        delta = _native_json(value)
+        if delta is not None:  # its terms need no check
+            n = len(delta[0]) + len(delta[1])
+            return delta if 0 < n <= max_triples else None
+        if value.count(b"[") + value.count(b"{") > MAX_DEPTH and _depth_problem(value):
+            return None  # malformed: decode_delta explains
         delta = _fast_json(value)
     if delta is None:
         return None

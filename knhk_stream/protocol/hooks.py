@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from knhk_stream.errors import HookError
-from knhk_stream.protocol.decode import Delta, Triple
+from knhk_stream.protocol.decode import (
+    AVRO_MAGIC,
+    MAX_TERM_BYTES,
+    AvroTerms,
+    Delta,
+    NativeTriple,
+    Triple,
+    avro_ascii_terms,
+    native_json,
+)
 from knhk_stream.protocol.encoding import H
 
 ADD = 1
@@ -50,9 +59,12 @@ def encode_actions(actions: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
-_OP_LEN = struct.Struct(">BI").pack
 _LEN = _U32.pack
 _NO_GRAPH = bytes(4)  # str32 of the empty string
+_OPS = (b"", bytes((ADD,)), bytes((REMOVE,)))
+# str32 length prefixes, looked up rather than packed: every term of a decoded delta has at most
+# MAX_TERM_BYTES; a longer one (a delta built by hand) takes _encode_side's packing fallback.
+_LENS = tuple(_LEN(n) for n in range(MAX_TERM_BYTES + 1))
 
 
 def _sorted_keys(triples: Sequence[Triple]) -> list[tuple[str, str, str, str]]:
@@ -71,20 +83,140 @@ def canonical(delta: Delta) -> list[tuple[int, str, str, str, str]]:
     return [(ADD, *k) for k in adds] + [(REMOVE, *k) for k in rems]
 
 
+def _encode_side(parts: list[bytes], op: bytes, keys: Sequence[tuple[str, str, str, str | None]]) -> None:
+    """Append the pieces of `u8 op || str32 s || str32 p || str32 o || str32 g` for each key."""
+    lens = _LENS  # IndexError for a term longer than MAX_TERM_BYTES: the caller packs instead
+    for s, p, o, g in keys:
+        bs, bp, bo = s.encode(), p.encode(), o.encode()
+        if g:
+            bg = g.encode()
+            parts += (op, lens[len(bs)], bs, lens[len(bp)], bp, lens[len(bo)], bo, lens[len(bg)], bg)
+        else:
+            parts += (op, lens[len(bs)], bs, lens[len(bp)], bp, lens[len(bo)], bo, _NO_GRAPH)
+
+
 def canonical_encoded(delta: Delta) -> tuple[int, bytes]:
     """(lanes, encoded actions) of canonical@1, without building the action tuples."""
+    adds, rems = delta[0], delta[1]
+    try:
+        return _canonical_pieces(adds, rems, _encode_side)
+    except IndexError:  # a term longer than MAX_TERM_BYTES
+        return _canonical_pieces(adds, rems, _encode_side_packed)
+
+
+def _canonical_pieces(
+    adds: Sequence[Triple], rems: Sequence[Triple], encode: Callable[[list[bytes], bytes, Any], None]
+) -> tuple[int, bytes]:
+    parts: list[bytes] = []
+    lanes = 0
+    if adds:
+        keys = adds if len(adds) == 1 else sorted({(s, p, o, g or "") for s, p, o, g in adds})
+        encode(parts, _OPS[ADD], keys)
+        lanes = len(keys)
+    if rems:
+        keys = rems if len(rems) == 1 else sorted({(s, p, o, g or "") for s, p, o, g in rems})
+        encode(parts, _OPS[REMOVE], keys)
+        lanes += len(keys)
+    return lanes, b"".join(parts)
+
+
+def _encode_side_packed(parts: list[bytes], op: bytes, keys: Sequence[tuple[str, str, str, str | None]]) -> None:
+    """_encode_side for terms of any length."""
+    for s, p, o, g in keys:
+        parts.append(op)
+        for term in (s, p, o, g or ""):
+            b = term.encode()
+            parts += (_LEN(len(b)), b)
+
+
+_ADD_S, _REMOVE_S = chr(ADD), chr(REMOVE)
+_LENS_S = tuple(b.decode("latin-1") for b in _LENS)  # the same prefixes as str: one char per byte
+_NO_GRAPH_S = _NO_GRAPH.decode("latin-1")
+
+
+def canonical_actions(value: bytes, max_triples: int = 1024) -> tuple[int, bytes] | None:
+    """canonical@1's (lanes, encoded actions) straight from a delta value, for the common deltas.
+
+    Whenever this returns them, decode_delta(value, max_triples) is a Delta and they are exactly
+    canonical_encoded of it. None: decode the value (decode_valid, else decode_delta) instead.
+    JSON goes through decode.native_json, Avro with an ASCII body through
+    decode.avro_ascii_terms; neither builds Triples or a Delta.
+    """
+    if value[:2] == AVRO_MAGIC:
+        sides = avro_ascii_terms(value)
+        if sides is None:
+            return None
+        adds, rems = sides
+        n = len(adds) + len(rems)
+        if not 0 < n <= max_triples:
+            return None
+        parts: list[bytes] = []
+        lanes = 0
+        if adds:
+            lanes = _bytes_side(parts, _OPS[ADD], adds)
+        if rems:
+            lanes += _bytes_side(parts, _OPS[REMOVE], rems)
+        return lanes, b"".join(parts)
+    d = native_json(value)
+    if d is None:
+        return None
+    adds, rems = d.additions, d.removals  # each UNSET or a list
+    n = (len(adds) if adds else 0) + (len(rems) if rems else 0)
+    if not 0 < n <= max_triples:
+        return None
+    if value.isascii():  # so is every term: str pieces, UTF-8 = Latin-1, one encode at the end
+        sparts: list[str] = []
+        lanes = 0
+        if adds:
+            lanes = _ascii_side(sparts, _ADD_S, adds)
+        if rems:
+            lanes += _ascii_side(sparts, _REMOVE_S, rems)
+        return lanes, "".join(sparts).encode("latin-1")
     parts = []
-    for op, triples in ((ADD, delta[0]), (REMOVE, delta[1])):
-        if not triples:
-            continue
-        for s, p, o, g in _sorted_keys(triples):
-            bs, bp, bo = s.encode(), p.encode(), o.encode()
-            if g:
-                bg = g.encode()
-                parts.append(_OP_LEN(op, len(bs)) + bs + _LEN(len(bp)) + bp + _LEN(len(bo)) + bo + _LEN(len(bg)) + bg)
-            else:
-                parts.append(_OP_LEN(op, len(bs)) + bs + _LEN(len(bp)) + bp + _LEN(len(bo)) + bo + _NO_GRAPH)
-    return len(parts), b"".join(parts)
+    lanes = 0
+    if adds:
+        keys = [(t.s, t.p, t.o, t.g or "") for t in adds]
+        keys = keys if len(keys) == 1 else sorted(set(keys))
+        _encode_side(parts, _OPS[ADD], keys)
+        lanes = len(keys)
+    if rems:
+        keys = [(t.s, t.p, t.o, t.g or "") for t in rems]
+        keys = keys if len(keys) == 1 else sorted(set(keys))
+        _encode_side(parts, _OPS[REMOVE], keys)
+        lanes += len(keys)
+    return lanes, b"".join(parts)
+
+
+def _ascii_side(parts: list[str], op: str, items: list[NativeTriple]) -> int:
+    """_encode_side for all-ASCII terms, as str pieces; returns the lanes."""
+    lens = _LENS_S  # terms of at most _SHORT code points: always in the table
+    if len(items) == 1:
+        t = items[0]
+        s, p, o, g = t.s, t.p, t.o, t.g
+        if g:
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, lens[len(g)], g)
+        else:  # UNSET, None or ""
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, _NO_GRAPH_S)
+        return 1
+    keys = sorted({(t.s, t.p, t.o, t.g or "") for t in items})
+    for s, p, o, g in keys:
+        if g:
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, lens[len(g)], g)
+        else:
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, _NO_GRAPH_S)
+    return len(keys)
+
+
+def _bytes_side(parts: list[bytes], op: bytes, items: list[AvroTerms]) -> int:
+    """_encode_side for terms given as UTF-8 bytes (byte order is code-point order); returns the lanes."""
+    lens = _LENS
+    keys = items if len(items) == 1 else sorted({(s, p, o, g or b"") for s, p, o, g in items})
+    for s, p, o, g in keys:
+        if g:
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, lens[len(g)], g)
+        else:
+            parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, _NO_GRAPH)
+    return len(keys)
 
 
 @dataclass(frozen=True)

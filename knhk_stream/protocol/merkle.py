@@ -29,8 +29,13 @@ def node_hash(left: bytes, right: bytes, h: HashFn = H) -> bytes:
 
 
 def _next_level(level: list[bytes], h: HashFn) -> list[bytes]:
-    if h is H:  # BLAKE3 called directly: a Python call less per node
-        nxt = [_blake3(b"\x01" + a + b).digest() for a, b in zip(level[::2], level[1::2], strict=False)]
+    if h is H:  # BLAKE3 called directly, one hasher reset per node: a Python call less per node
+        b3 = _blake3()
+        reset, update = b3.reset, b3.update
+        nxt = []
+        for a, b in zip(level[::2], level[1::2], strict=False):
+            reset()
+            nxt.append(update(b"\x01" + a + b).digest())
     else:
         nxt = [h(b"\x01" + level[i] + level[i + 1]) for i in range(0, len(level) - 1, 2)]
     if len(level) % 2:
@@ -40,7 +45,13 @@ def _next_level(level: list[bytes], h: HashFn) -> list[bytes]:
 
 def _leaves(leaves: Sequence[bytes], h: HashFn) -> list[bytes]:
     if h is H:
-        return [_blake3(b"\x00" + d).digest() for d in leaves]
+        b3 = _blake3()  # this call's own: a shared hasher would interleave with other threads'
+        reset, update = b3.reset, b3.update
+        out = []
+        for d in leaves:
+            reset()
+            out.append(update(b"\x00" + d).digest())
+        return out
     return [h(b"\x00" + d) for d in leaves]
 
 

@@ -7,11 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from blake3 import blake3 as _blake3
-
 from knhk_stream.protocol.decode import HOOK_ERROR, REJECTION_CODES, Rejected, decode_delta, decode_valid
-from knhk_stream.protocol.encoding import H
-from knhk_stream.protocol.hooks import Hook, HookError, canonical, canonical_encoded
+from knhk_stream.protocol.encoding import H, hasher
+from knhk_stream.protocol.hooks import Hook, HookError, canonical, canonical_actions, canonical_encoded
 
 RECEIPT_VERSION = 1
 RECEIPT_SIZE = 123
@@ -142,10 +140,20 @@ class DeltaProcessor:
         return Outcome(APPLIED, lanes, H(actions), delta_hash)
 
     def receipt(self, shard: int, cycle: int, tick: int, offset: int, value: bytes | None) -> bytes:
-        delta = decode_valid(value, self.max_triples) if self._canonical and value else None
-        if delta is not None:  # the hot path, without the Outcome (same bytes)
-            lanes, actions = canonical_encoded(delta)
-            status, delta_hash, a_hash = APPLIED, _blake3(value).digest(), _blake3(actions).digest()
+        enc = None
+        if self._canonical and value:  # the hot path, without the Outcome (same bytes)
+            enc = canonical_actions(value, self.max_triples)
+            if enc is None:
+                delta = decode_valid(value, self.max_triples)
+                if delta is not None:
+                    enc = canonical_encoded(delta)
+        if enc is not None:
+            lanes, actions = enc
+            h = hasher()  # H(value), H(actions) with this thread's hasher
+            h.reset()
+            delta_hash = h.update(value).digest()
+            h.reset()
+            status, a_hash = APPLIED, h.update(actions).digest()
         else:
             o = self.outcome(value)
             status, lanes, delta_hash, a_hash = o.status, o.lanes, o.delta_hash, o.a_hash

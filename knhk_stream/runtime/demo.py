@@ -1,8 +1,15 @@
-"""`knhk-stream demo`: the main job end to end on the embedded defaults."""
+"""`knhk-stream demo`: the main job end to end on the embedded defaults.
+
+It cleans up after itself: the broker is memory only, its Redis keys are deleted
+at the end, and its work directory (keys, chain settings, the workers' logs) too,
+unless `keep` (`demo --keep`, or the environment variable KNHK_DEMO_KEEP=1) or the
+demo failed: then the summary names the folder (and the Redis prefix) it kept.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -15,15 +22,18 @@ from pathlib import Path
 
 import click
 
+from knhk_stream.audit.core import DeltaLog, replay_beats
 from knhk_stream.kafka.embedded import EmbeddedBroker, resolve_redis
 from knhk_stream.kafka.producer import DeltaProducer, synthetic_deltas
 from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.quorum import generate_key, public_key_bytes, save_private_key
+from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings, Peer
 from knhk_stream.store.lockchain import LockchainStore, verify_range
 
 PEERS = ("peer-a", "peer-b", "peer-c", "peer-d")
 SHARDS = 4
+KEEP_ENV = "KNHK_DEMO_KEEP"
 
 
 def start_worker(
@@ -82,15 +92,23 @@ def _latencies(store: LockchainStore, settings: ChainSettings, shard: int) -> li
     return [ce.committed_at_ms - (ce.entry.cycle + 1) * beat_ms for ce in store.range(shard)]
 
 
-def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, timeout: float) -> int:
+def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, timeout: float, keep: bool = False) -> int:
+    """Run the demo; 0 when every committed chain verifies and every delta got a receipt.
+
+    `keep` (or KNHK_DEMO_KEEP=1): keep the work directory and the Redis keys (both are
+    kept anyway when the demo fails, and the last line says where).
+    """
     from knhk_stream.kafka.admin import apply_topics
 
+    keep = keep or os.environ.get(KEEP_ENV, "") not in ("", "0")
     started = time.monotonic()
     url, lite = resolve_redis(redis_url)
     run_id = uuid.uuid4().hex[:8]
     prefix, topic_prefix = f"knhk-demo-{run_id}", f"demo-{run_id}"
     workdir = Path(tempfile.mkdtemp(prefix="knhk-demo-"))
     procs: list[subprocess.Popen[bytes]] = []
+    store: LockchainStore | None = None
+    ok = False
     try:
         with EmbeddedBroker(log_path=workdir / "tansu.log") as broker:
             topics = load_topics().renamed(topic_prefix).with_partitions(SHARDS)
@@ -110,6 +128,7 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                     )
                 )
             store = LockchainStore.from_url(url, settings.chain_id, prefix)
+            log = DeltaLog(broker.bootstrap, topics.deltas.name)
             produced = [0]
 
             def produce() -> None:
@@ -153,7 +172,7 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                 )
                 click.echo(line.ljust(120), nl=False)
                 if dead:
-                    click.echo(f"\nworker(s) {dead} exited; see their logs in {workdir}")
+                    click.echo(f"\nworker(s) {dead} exited")
                     return 1
                 if produced[0] == n and receipts >= n:
                     break
@@ -165,38 +184,79 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
                     p.wait(timeout=20)
                 except subprocess.TimeoutExpired:
                     p.kill()
-            return _summary(store, settings, n, receipts, started, workdir)
+            ok = _summary(store, settings, log, n, receipts, started)
+            return 0 if ok else 1
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        _clean_up(store, url, prefix, workdir, keep or not ok)
         if lite is not None:
             lite.shutdown()  # type: ignore[attr-defined]
 
 
+def _clean_up(store: LockchainStore | None, url: str, prefix: str, workdir: Path, keep: bool) -> None:
+    """Delete the demo's Redis keys and work directory, or say where they are kept."""
+    if keep:
+        where = f"Redis keys under {prefix}:* at {url}" if store is not None else "no Redis keys"
+        click.echo(f"kept: the work directory {workdir} (keys, chain.toml, the workers' logs) and {where}")
+        return
+    deleted = 0
+    if store is not None:
+        keys = list(store.client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            deleted += int(store.client.delete(*keys[i : i + 1000]))
+    shutil.rmtree(workdir, ignore_errors=True)
+    click.echo(f"cleaned up: {deleted} Redis keys and the work directory (pass --keep to keep them)")
+
+
+def rejected_by_code(store: LockchainStore, settings: ChainSettings, log: DeltaLog, shard: int) -> dict[str, int]:
+    """Rejected receipts per code in the committed beats of `shard`, from a replay of its records from Kafka."""
+    cycles = set(store.cycles(shard))
+    if not cycles:
+        return {}
+    first, last = store.get(shard, min(cycles)), store.get(shard, max(cycles))
+    if first is None or last is None:
+        return {}
+    out: dict[str, int] = {}
+    records = log.read(shard, first.entry.first_offset, last.entry.last_offset)
+    try:
+        for beat in replay_beats(records, shard, settings.tick_ms, settings.processor()):
+            if beat.cycle > last.entry.cycle:
+                break
+            if beat.cycle in cycles:
+                for code, k in rejections_by_code(beat.receipts).items():
+                    out[code] = out.get(code, 0) + k
+    finally:
+        records.close()
+    return out
+
+
 def _summary(
-    store: LockchainStore, settings: ChainSettings, n: int, receipts: int, started: float, workdir: Path
-) -> int:
-    click.echo(f"{'shard':>5} {'beats':>6} {'receipts':>9} {'p50 ms':>7} {'p99 ms':>7}  chain")
+    store: LockchainStore, settings: ChainSettings, log: DeltaLog, n: int, receipts: int, started: float
+) -> bool:
+    click.echo(f"{'shard':>5} {'beats':>6} {'receipts':>9} {'rejected':<22} {'p50 ms':>7} {'p99 ms':>7}  chain")
     all_ok = True
+    totals: dict[str, int] = {}
     for s in range(SHARDS):
         report = verify_range(store, settings, s)
         lats = sorted(_latencies(store, settings, s))
         p50 = statistics.median(lats) if lats else 0
         p99 = lats[min(len(lats) - 1, int(len(lats) * 0.99))] if lats else 0
         rc = sum(ce.entry.receipt_count for ce in store.range(s))
+        rejected = rejected_by_code(store, settings, log, s)
+        for code, k in rejected.items():
+            totals[code] = totals.get(code, 0) + k
+        codes = ", ".join(f"{code} {k:,}" for code, k in sorted(rejected.items())) or "none"
         state = "verifies" if report.ok and report.entries else f"FAILED: {report.problems[:2] or 'empty'}"
         all_ok &= report.ok and report.entries > 0
-        click.echo(f"{s:>5} {report.entries:>6} {rc:>9,} {p50:>7.0f} {p99:>7.0f}  {state}")
+        click.echo(f"{s:>5} {report.entries:>6} {rc:>9,} {codes:<22} {p50:>7.0f} {p99:>7.0f}  {state}")
     complete = receipts == n
+    rejected_text = ", ".join(f"{k:,} {code}" for code, k in sorted(totals.items())) or "none"
     click.echo(
-        f"{receipts:,} receipts for {n:,} deltas ({'all' if complete else 'INCOMPLETE'}); "
-        f"{time.monotonic() - started:.1f}s in all; logs in {workdir}"
+        f"{receipts:,} receipts for {n:,} deltas ({'all' if complete else 'INCOMPLETE'}; rejected: {rejected_text}); "
+        f"{time.monotonic() - started:.1f}s in all"
     )
     ok = all_ok and complete
     click.echo("demo OK: every committed chain verifies" if ok else "demo FAILED")
-    if ok and not os.environ.get("KNHK_DEMO_KEEP"):
-        for f in workdir.iterdir():
-            f.unlink()
-        workdir.rmdir()
-    return 0 if ok else 1
+    return ok

@@ -5,6 +5,12 @@ beats and, once they are on the votes topic, let the node checkpoint and commit
 consumer offsets at those beat boundaries; read votes of the shards held;
 publish the roots the node committed; write the tick markers it asks for.
 Everything but the Kafka I/O lives in node.py, shared with embedding pipelines.
+
+Before it joins its consumer group (and so before it takes a shard from anyone),
+a worker checks everything it can: Redis answers, the topics exist with one
+partition per shard, the deltas topic uses LogAppendTime. Every wait honours
+`stop()` (and the `until` of `run`) within a second; while it stops, pending
+deliveries get at most `STOP_FLUSH_S` seconds.
 """
 
 from __future__ import annotations
@@ -19,18 +25,43 @@ from typing import Any
 
 from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from redis import ConnectionError as RedisConnectionError
+from redis import TimeoutError as RedisTimeoutError
 
-from knhk_stream.kafka.admin import require_log_append_time
+from knhk_stream.errors import TopicsError
+from knhk_stream.kafka.admin import Admin, ClientLog, check_peer_topics, partition_counts, require_log_append_time
 from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.node import Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
 from knhk_stream.runtime.telemetry import Telemetry
 
-__all__ = ["Worker", "WorkerOptions", "from_message", "now_ms", "records"]
+__all__ = ["Stopped", "Worker", "WorkerOptions", "from_message", "now_ms", "records"]
 
 log = logging.getLogger("knhk_stream.runtime.worker")
+STOP_FLUSH_S = 3.0  # once asked to stop: the longest the worker waits, in all, for deliveries to finish
+# librdkafka errors that mean "cannot talk to the brokers" (reported once per interval, retried for ever)
+_UNREACHABLE = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE,
+    KafkaError._TIMED_OUT,
+    KafkaError._AUTHENTICATION,
+    KafkaError._SSL,
+}
+
+
+KAFKA_CHECK_S = 5.0  # one start-up request to Kafka
+
+
+class Stopped(Exception):
+    """Raised out of a wait that does not look at the stop flag itself, when the worker is asked to stop."""
+
+
+class KafkaUnreachable(TopicsError):
+    """Kafka did not answer the worker's start-up checks in time."""
 
 
 def from_message(m: Message) -> Record | None:
@@ -62,6 +93,10 @@ class WorkerOptions:
     # Run although the deltas topic is not LogAppendTime (protocol "Beats"): only for a
     # development broker whose producers are trusted, such as the embedded Tansu.
     allow_producer_timestamps: bool = False
+    # At start: how long to wait for Redis and Kafka to answer before giving up (the group is joined only
+    # after both did, so a worker waiting here takes no shard from anyone); 0: give up at the first failure.
+    start_timeout_s: float = 30.0
+    report_interval_s: float = 30.0  # while Kafka is unreachable: one line per interval
 
 
 class Worker:
@@ -75,8 +110,39 @@ class Worker:
         options: WorkerOptions,
         telemetry: Telemetry | None = None,
     ) -> None:
-        # Protocol "Beats": the broker's clock drives the beats, so refuse a deltas topic
-        # that lets producers set the timestamps, before anything else is set up.
+        self._stop = threading.Event()
+        self._until: Callable[[], bool] | None = None
+        self._stop_deadline: float | None = None
+        self.waiting = False  # inside a wait that only `Stopped` (raised by a signal handler) can end
+        self._kafka_trouble: tuple[float, str] | None = None  # (first seen, last error) while unreachable
+        self._kafka_last_error = 0.0
+        self._kafka_reported = 0.0
+        self.settings = settings
+        self.peer_id = peer_id
+        self.opts = options
+        self.topics = options.topics
+        # The start-up checks, before the consumer group is joined. The peer id and keys first (no I/O) ...
+        self.telemetry = telemetry or Telemetry(None)
+        PeerEngine(settings, peer_id, key)  # ValueError: not a peer of the settings, or the wrong key
+        # ... then Redis: without it no shard can be taken, and a worker that joined anyway would hold
+        # shards it cannot serve. An outage (a restart while Redis is down) is waited out, up to
+        # start_timeout_s; then redis.ConnectionError, with the address, goes to the caller ...
+        deadline = time.monotonic() + options.start_timeout_s
+
+        def connect() -> None:
+            node = PeerNode.connect(settings, peer_id, key, options.redis_url, options.prefix, self.telemetry)
+            node.store.client.ping()
+            self.node = node
+
+        self._await_start("Redis", options.redis_url, deadline, (RedisConnectionError, RedisTimeoutError), connect)
+        # ... then Kafka: the three topics, one partition per shard each, and (protocol "Beats") a
+        # deltas topic whose timestamps the broker's clock sets.
+        self.client_log = ClientLog()
+        config: dict[str, Any] = {**self.client_log.config(), **options.kafka_config}
+        admin = Admin(options.bootstrap, config, self.client_log)
+        self._await_start("Kafka", options.bootstrap, deadline, (KafkaUnreachable,),
+                          lambda: self._kafka_answers(admin, deadline))  # fmt: skip
+        check_peer_topics(admin, options.topics, KAFKA_CHECK_S)
         if options.allow_producer_timestamps:
             log.warning(
                 "--allow-producer-timestamps: not checking that %s uses LogAppendTime; producers' timestamps "
@@ -84,16 +150,10 @@ class Worker:
                 options.topics.deltas.name,
             )
         else:
-            require_log_append_time(options.bootstrap, options.topics.deltas.name, options.kafka_config)
+            require_log_append_time(options.bootstrap, options.topics.deltas.name, timeout=KAFKA_CHECK_S, admin=admin)
         self._watch_timestamps = not options.allow_producer_timestamps
-        self.settings = settings
-        self.peer_id = peer_id
-        self.opts = options
-        self.telemetry = telemetry or Telemetry(None)
-        self.node = PeerNode.connect(settings, peer_id, key, options.redis_url, options.prefix, self.telemetry)
-        self.topics = options.topics
         self.group_id = options.group_id or f"knhk.{settings.chain_id}.{peer_id}"
-        common: dict[str, Any] = {"bootstrap.servers": options.bootstrap, **options.kafka_config}
+        common: dict[str, Any] = {"bootstrap.servers": options.bootstrap, "error_cb": self._on_kafka_error, **config}
         self.deltas = Consumer(
             {
                 **common,
@@ -118,7 +178,8 @@ class Worker:
             }
         )
         self.producer = Producer({**common, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
-        self._stop = threading.Event()
+        self._common = {k: v for k, v in common.items() if k != "error_cb"}
+        self.node.roots_source = self._roots_of  # to re-append entries deleted from Redis
         self._undelivered: list[Vote] = []
         self._failed: list[str] = []
         self._roots_acked: list[CommittedEntry] = []
@@ -139,19 +200,79 @@ class Worker:
 
     # -- lifecycle ------------------------------------------------------------------------
 
+    def _await_start(
+        self,
+        what: str,
+        where: str,
+        deadline: float,
+        errors: tuple[type[Exception], ...],
+        check: Callable[[], object],
+    ) -> None:
+        """Run `check` until it passes; while `what` is unreachable say so once and retry until `deadline`."""
+        said = False
+        while True:
+            try:
+                check()
+                if said:
+                    log.warning("%s at %s answers; going on", what, where)
+                return
+            except errors as e:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    if said:
+                        waited = f"waited {self.opts.start_timeout_s:g} s, --start-timeout"
+                        raise type(e)(f"{str(e).rstrip('.')} ({waited})") from None
+                    raise
+                if not said:
+                    said = True
+                    log.warning(
+                        "cannot reach %s at %s (%s): waiting up to %.0f s for it (--start-timeout) before giving "
+                        "up; the worker joins its consumer group only once it answers. Ctrl-C stops.",
+                        what,
+                        where,
+                        str(e).rstrip("."),
+                        left,
+                    )
+                self._stop.wait(min(0.5, left))
+
+    @staticmethod
+    def _kafka_answers(admin: Admin, deadline: float) -> None:
+        try:
+            partition_counts(admin, max(0.5, min(KAFKA_CHECK_S, deadline - time.monotonic())))
+        except TopicsError as e:
+            raise KafkaUnreachable(str(e)) from None
+
     def stop(self) -> None:
-        """Ask the loop to finish its current step and exit (safe from a signal handler)."""
+        """Ask the loop to finish its current step and exit (safe from a signal handler).
+
+        A signal handler that finds `waiting` true should raise `Stopped` too: that ends
+        a wait that does not look at the flag (the node's wait for Redis while taking a shard).
+        """
         self._stop.set()
 
+    def stopping(self) -> bool:
+        """True once `stop()` was called or the `until` of `run` says so."""
+        if self._stop.is_set() or (self._until is not None and self._until()):
+            if self._stop_deadline is None:
+                self._stop_deadline = time.monotonic() + STOP_FLUSH_S
+            return True
+        return False
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Work until `stop()` or `until()`; then deliver what is pending (at most STOP_FLUSH_S s) and close."""
+        self._until = until
         self.deltas.subscribe(
             [self.topics.deltas.name], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke
         )
         log.info("worker of peer %s started (group %s)", self.peer_id, self.group_id)
         try:
-            while not self._stop.is_set() and not (until and until()):
+            while not self.stopping():
                 self.step()
+        except Stopped:
+            log.info("stop requested while waiting")
         finally:
+            self._stop.set()
+            self.stopping()
             self._close()
 
     def _close(self) -> None:
@@ -160,20 +281,66 @@ class Worker:
         finally:
             self.deltas.close()  # revokes: checkpoints the shards held
             self.votes.close()
-            self.producer.flush(10)
+            self._flush(10)
             self._confirm_roots()
             self.telemetry.shutdown()
             log.info("worker of peer %s stopped", self.peer_id)
+
+    def _flush(self, timeout: float) -> int:
+        """producer.flush in short slices: returns early (what is left) once stopping and its budget is spent."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.stopping():
+                assert self._stop_deadline is not None
+                deadline = min(deadline, self._stop_deadline)
+            left = int(self.producer.flush(max(0.0, min(0.5, deadline - time.monotonic()))))
+            self._report_kafka()
+            if left == 0 or time.monotonic() >= deadline:
+                return left
+
+    # -- Kafka reachability ---------------------------------------------------------------
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (on poll/consume/flush): note that the brokers cannot be reached."""
+        if err.code() in _UNREACHABLE:
+            now = time.monotonic()
+            self._kafka_last_error = now
+            first = self._kafka_trouble[0] if self._kafka_trouble else now
+            self._kafka_trouble = (first, err.str())
+
+    def _report_kafka(self) -> None:
+        """While Kafka is unreachable: one warning per report interval (librdkafka's own lines are at DEBUG)."""
+        trouble = self._kafka_trouble
+        if trouble is None:
+            return
+        now = time.monotonic()
+        if now - self._kafka_last_error > max(10.0, self.opts.report_interval_s / 3):
+            self._kafka_trouble = None
+            log.warning("Kafka at %s answers again", self.opts.bootstrap)
+            self._kafka_reported = 0.0
+            return
+        if now - self._kafka_reported >= self.opts.report_interval_s:
+            self._kafka_reported = now
+            log.warning(
+                "cannot reach Kafka at %s for %.0f s (%s); retrying, next report in %.0f s",
+                self.opts.bootstrap,
+                now - trouble[0],
+                trouble[1],
+                self.opts.report_interval_s,
+            )
 
     # -- one step -------------------------------------------------------------------------
 
     def step(self) -> None:
         msgs = self.deltas.consume(self.opts.batch, timeout=0.05)
+        self._report_kafka()
         if msgs:
             if self._watch_timestamps:
                 self._check_timestamp_type(msgs)
             for vote in self.node.process(records(msgs)):
                 self._publish_vote(vote)
+            for shard in self.node.take_halted():  # its open beat passed its bounds: read no more of it
+                self.deltas.pause([TopicPartition(self.topics.deltas.name, shard)])
         if self._undelivered:
             self._deliver_votes()
         self.node.on_vote_records(records(self.votes.consume(10_000, timeout=0)))
@@ -182,6 +349,8 @@ class Worker:
         if self.opts.markers:
             for shard in self.node.markers_due(now_ms()):
                 self._produce(self.topics.deltas.name, marker_out(shard))
+        for out in self.node.evidence_due():
+            self._publish_evidence(out)
         self.producer.poll(0)
         self._confirm_roots()
 
@@ -222,17 +391,30 @@ class Worker:
             self._failed.append(f"{msg.key()!r}: {err}")
 
     def _deliver_votes(self) -> None:
-        """Wait until the votes are on the topic; only then move checkpoints and offsets."""
+        """Wait until the votes are on the topic; only then move checkpoints and offsets.
+
+        While stopping, it gives up after STOP_FLUSH_S: no checkpoint or offset moves past
+        an undelivered vote, so the next holder of the shard makes it again.
+        """
         while self._undelivered:
-            remaining = self.producer.flush(30)
+            remaining = self._flush(30)
             if remaining == 0 and not self._failed:
                 break
+            if self.stopping():
+                log.warning(
+                    "stopping with %d vote(s) not delivered (%s): no checkpoint moves past them, the next holder "
+                    "of the shard signs them again",
+                    len(self._undelivered),
+                    self._failed[:1] or f"{remaining} in flight",
+                )
+                self._undelivered, self._failed = [], []
+                return
             log.error("votes not delivered (%s); retrying", self._failed or f"{remaining} in flight")
             self._failed.clear()
             votes, self._undelivered = self._undelivered, []
             for v in votes:
                 self._publish_vote(v)
-            time.sleep(0.5)
+            self._stop.wait(0.5)
         votes, self._undelivered = self._undelivered, []
         offsets = self.node.votes_delivered(votes)
         if offsets:
@@ -255,6 +437,20 @@ class Worker:
 
         self._produce(self.topics.roots.name, root_out(ce), delivered)
 
+    def _publish_evidence(self, out: Outbound) -> None:
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                log.error("equivocation evidence for shard %d not delivered (%s); retried", out.partition, err)
+                self.node.evidence_failed([out])
+
+        self._produce(self.topics.evidence.name, out, delivered)
+
+    def _roots_of(self, shard: int) -> Iterable[bytes | None]:
+        """The roots topic's records of a shard, oldest first (the node re-appends deleted entries from it)."""
+        from knhk_stream.kafka.roots import partition_values  # kafka.roots imports this module
+
+        return partition_values(self._common, self.topics.roots.name, shard)
+
     def _confirm_roots(self) -> None:
         if self._roots_acked:
             acked, self._roots_acked = self._roots_acked, []
@@ -262,20 +458,45 @@ class Worker:
 
     # -- rebalances -----------------------------------------------------------------------
 
+    def _wait_for_redis(self) -> None:
+        """Before taking shards: wait until Redis answers, looking at the stop flag (`Stopped` when asked)."""
+        said = False
+        while True:
+            try:
+                self.node.store.client.ping()
+                if said:
+                    log.warning("Redis answers again; taking the shards")
+                return
+            except (RedisConnectionError, RedisTimeoutError) as e:
+                if not said:
+                    said = True
+                    log.error("Redis unavailable (%s): waiting for it before taking shards", e)
+            if self.stopping():
+                raise Stopped("stop requested while waiting for Redis")
+            self._stop.wait(0.5)
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.stopping():
+            raise Stopped("stop requested before the shards were taken")
+        self._wait_for_redis()
         votes_parts = []
-        for p in partitions:
-            at = self.node.assign(p.partition)
-            p.offset = at.next_offset
-            votes_parts.append(TopicPartition(self.topics.votes.name, p.partition, at.votes_offset))
+        self.waiting = True  # PeerNode.assign waits for Redis without looking at the stop flag
+        try:
+            for p in partitions:
+                at = self.node.assign(p.partition)
+                p.offset = at.next_offset
+                votes_parts.append(TopicPartition(self.topics.votes.name, p.partition, at.votes_offset))
+        finally:
+            self.waiting = False
         consumer.assign(partitions)
         self.votes.incremental_assign(votes_parts)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._deliver_votes()
-        self.producer.flush(30)  # roots in flight, so the published mark covers them
+        self._flush(30)  # roots in flight, so the published mark covers them
         self._confirm_roots()
-        gone = [p.partition for p in partitions]
+        held = set(self.node.shards)
+        gone = [p.partition for p in partitions if p.partition in held]
         for shard in gone:
             self.node.revoke(shard)
         if gone:

@@ -121,7 +121,7 @@ def test_status_reports_heads_and_agreement(cluster):
     assert result.exit_code == 0, result.output
     import json
 
-    shards = json.loads(result.stdout)
+    shards = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines: one shard per line
     assert len(shards) == SHARDS
     for st in shards:
         assert st["head_cycle"] is not None and not st["stalled"] and not st["equivocations"]
@@ -150,7 +150,7 @@ def _status(cluster: Cluster) -> tuple[int, list[dict]]:
         "status", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
         "--prefix", cluster.prefix, "--no-kafka", "--json",
     ])  # fmt: skip
-    return result.exit_code, json.loads(result.stdout)
+    return result.exit_code, [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_one_faulty_replica_dissents_and_commits_go_on(cluster):

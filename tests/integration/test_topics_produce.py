@@ -86,7 +86,7 @@ def apply(bootstrap: str, prefix: str, *extra: str) -> Result:
 def test_apply_creates_the_three_topics_then_says_ok(broker, prefix):
     result = apply(broker.bootstrap, prefix)
     assert result.exit_code == 0, result.output
-    names = [f"{prefix}.{role}" for role in ("deltas", "votes", "roots")]
+    names = [t.name for t in DECLARED.renamed(prefix).all()]
     found = partitions(broker.bootstrap)
     for name in names:
         assert found[name] == DECLARED.deltas.partitions
@@ -95,7 +95,7 @@ def test_apply_creates_the_three_topics_then_says_ok(broker, prefix):
     assert again.exit_code == 0, again.output
     assert [line.split()[:2] for line in again.stdout.splitlines()] == [["ok", n] for n in names]
     report = json.loads(apply(broker.bootstrap, prefix, "--json", "--check").stdout)
-    assert report["ok"] and [t["status"] for t in report["topics"]] == ["ok"] * 3
+    assert report["ok"] and [t["status"] for t in report["topics"]] == ["ok"] * len(names)
 
 
 def test_apply_refuses_a_topic_with_fewer_partitions(broker, prefix):

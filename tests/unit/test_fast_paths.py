@@ -27,8 +27,9 @@ PROC = DeltaProcessor(load_hook("canonical@1"), max_triples=4)
 
 
 def _full(value: bytes, max_triples: int = 4):
-    """decode_delta and the receipt with both fast paths declining everything."""
+    """decode_delta and the receipt with every fast path declining everything."""
     with (
+        mock.patch.object(decode, "_native_json", lambda v: None),
         mock.patch.object(decode, "_fast_json", lambda v: None),
         mock.patch.object(decode, "_fast_avro", lambda v: None),
     ):
@@ -135,6 +136,15 @@ def _parser_depth(text: str) -> int:
     return level[1]
 
 
+def _is_json(text: str) -> bool:
+    """Whether the json module reads `text` to the end (numbers and constants as text)."""
+    try:
+        json.loads(text, object_pairs_hook=list, parse_int=str, parse_float=str, parse_constant=str)
+    except ValueError:
+        return False
+    return True
+
+
 @settings(max_examples=800, deadline=None)
 @given(TOP, st.booleans(), st.sampled_from(["", " ", "\n", "x", "]"]), st.integers(0, 3), st.booleans())
 def test_json_fast_path_agrees(top, ensure_ascii, tail, cut, bom):
@@ -149,7 +159,10 @@ def test_json_fast_path_agrees(top, ensure_ascii, tail, cut, bom):
     # protocol v2: deeper than 64 levels is malformed, whatever else the text holds
     if cut != 3 and tail in ("", " ", "\n") and value.decode("utf-8", "surrogatepass"):
         deep = _parser_depth(text) > decode.MAX_DEPTH
-        assert (decode._depth_problem(value) is not None) is deep
+        flagged = decode._depth_problem(value) is not None
+        assert flagged or not deep  # the scanner never nests deeper than 64
+        if _is_json(text):  # exact on JSON; a text the scanner stops in early (say at "01") is malformed anyway
+            assert flagged is deep
         if deep:
             assert decode_delta(value) == (decode.MALFORMED, "not a JSON delta: nested deeper than 64 levels")
 
