@@ -276,13 +276,13 @@ class Checker:
 
     # -- deltas and the replay --------------------------------------------------------------
 
-    def _read_deltas(self, budget: int = 20_000) -> None:
-        n = 0
-        while n < budget:
+    def _read_deltas(self, budget_s: float = 1.0) -> None:
+        """What is new on the deltas topic, for at most about `budget_s` (records keep coming)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < budget_s:
             msgs = self.deltas.poll(5000, timeout=0.05)
             if not msgs:
                 return
-            n += len(msgs)
             for m in msgs:
                 s, off, value = m.partition(), m.offset(), m.value()
                 marker = is_marker(m.headers(), value)
