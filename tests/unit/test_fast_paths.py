@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from knhk_stream.protocol import decode
 from knhk_stream.protocol.decode import Delta, Triple, decode_delta, decode_valid, encode_avro, encode_json
-from knhk_stream.protocol.hooks import load_hook
+from knhk_stream.protocol.hooks import canonical, canonical_actions, canonical_encoded, encode_actions, load_hook
 from knhk_stream.protocol.receipts import DeltaProcessor
 
 PROC = DeltaProcessor(load_hook("canonical@1"), max_triples=4)
@@ -42,6 +42,20 @@ def _check(value: bytes) -> None:
     assert type(decode_delta(value, 4)) is type(full)
     fast = decode_valid(value, 4) if value else None
     assert fast is None or (type(full) is Delta and fast == full)
+    native = decode._native_json(value)
+    if native is not None:  # the same delta as the full JSON decoder's, before the count and term checks
+        assert value[:2] != decode.AVRO_MAGIC
+        with (
+            mock.patch.object(decode, "_native_json", lambda v: None),
+            mock.patch.object(decode, "_fast_json", lambda v: None),
+        ):
+            assert native == decode._decode_json(value)
+        assert type(full) is Delta or full.code in (decode.EMPTY, decode.TOO_LARGE)
+    if type(full) is Delta:  # the table-driven encoders against the generic one
+        actions = canonical(full)
+        assert canonical_encoded(full) == (len(actions), encode_actions(actions))
+    straight = canonical_actions(value, 4) if value else None
+    assert straight is None or (type(full) is Delta and straight == canonical_encoded(full))
     assert PROC.outcome(value) == full_outcome
     receipt = PROC.receipt(1, 2, 3, 4, value)
     assert receipt[23:27] == full_outcome.lanes.to_bytes(4, "big")
@@ -238,3 +252,181 @@ def test_depth_check_is_exact_on_json(tree, depth, kinds, ensure_ascii):
     value = text.encode("utf-8")
     assert (decode._depth_problem(value) is not None) is (_parser_depth(text) > decode.MAX_DEPTH)
     _check(value)
+
+
+# The native paths (msgspec for JSON, the ASCII Avro reader) accept only the delta's exact shape.
+# Everything near that shape, built as pair lists so that keys can repeat anywhere: triples with
+# or without g (a string or null), the top-level fields in any order, and then one disturbance:
+# a repeated key at either level, an unknown field, a wrong type, an escape, whitespace.
+SHAPED_TERMS = st.one_of(
+    st.sampled_from(["urn:a", "urn:b", "x" * 1024, "x" * 1025, "é" * 1024, "é" * 1025, "", "g", "s", '"', "\\"]),
+    st.text(alphabet="ab:/éü😀\u2028", max_size=5),
+)
+
+
+@st.composite
+def shaped_triple(draw):
+    pairs = [("s", draw(SHAPED_TERMS)), ("p", draw(SHAPED_TERMS)), ("o", draw(SHAPED_TERMS))]
+    g = draw(st.sampled_from(["absent", "null", "string"]))
+    if g != "absent":
+        pairs.append(("g", None if g == "null" else draw(SHAPED_TERMS)))
+    return draw(st.permutations(pairs))
+
+
+@st.composite
+def shaped_delta(draw):
+    pairs = []
+    for field in ("additions", "removals"):
+        if draw(st.booleans()) or field == "additions":
+            pairs.append((field, draw(st.lists(shaped_triple(), max_size=3))))
+    for field in ("id", "actor"):
+        if draw(st.booleans()):
+            pairs.append((field, draw(SHAPED_TERMS)))
+    pairs = draw(st.permutations(pairs))
+    kind = draw(st.sampled_from(["none", "repeat", "repeat-in-triple", "unknown", "wrong-type", "null-id"]))
+    if kind == "repeat" and pairs:  # the same key again, with any value of its kind
+        key, value = draw(st.sampled_from(pairs))
+        again = draw(st.one_of(st.just(value), st.lists(shaped_triple(), max_size=1), SHAPED_TERMS))
+        pairs.insert(draw(st.integers(0, len(pairs))), (key, again))
+    elif kind == "repeat-in-triple":
+        triples = [t for _, v in pairs if isinstance(v, list) for t in v]
+        if triples:
+            t = draw(st.sampled_from(triples))
+            key, value = draw(st.sampled_from(t))
+            t.insert(draw(st.integers(0, len(t))), (key, draw(st.one_of(st.just(value), st.none(), SHAPED_TERMS))))
+    elif kind == "unknown":
+        pairs.append((draw(st.sampled_from(["x", "S", "additions "])), draw(SCALARS)))
+    elif kind == "wrong-type" and pairs:
+        i = draw(st.integers(0, len(pairs) - 1))
+        pairs[i] = (pairs[i][0], draw(st.one_of(SCALARS, st.just([[("s", "a")]]))))
+    elif kind == "null-id":
+        pairs.append((draw(st.sampled_from(["id", "actor"])), None))
+    return pairs
+
+
+SEPARATORS = st.sampled_from([(",", ":"), (", ", ": "), (" ,", " :"), ("\n,\t", "\r:\n"), (",", " : ")])
+
+
+def _dump_spaced(node, ensure_ascii: bool, seps: tuple[str, str]) -> str:
+    """_dump with other separators (whitespace before and after commas and colons)."""
+    comma, colon = seps
+    if isinstance(node, list) and all(isinstance(x, tuple) and len(x) == 2 for x in node) and node:
+        return "{" + comma.join(json.dumps(k) + colon + _dump_spaced(v, ensure_ascii, seps) for k, v in node) + "}"
+    if isinstance(node, list):
+        return "[" + comma.join(_dump_spaced(x, ensure_ascii, seps) for x in node) + "]"
+    if isinstance(node, Raw):
+        return str(node)
+    return json.dumps(node, ensure_ascii=ensure_ascii)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(shaped_delta(), st.booleans(), SEPARATORS, st.sampled_from(["", " ", "\n", "\t\r"]))
+def test_native_json_agrees_near_the_shape(pairs, ensure_ascii, seps, around):
+    text = around + _dump_spaced(pairs, ensure_ascii, seps) + around
+    value = text.encode("utf-8", "surrogatepass")
+    _check(value)
+    full, _ = _full(value)
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        assert decode.native_json(value) is None
+        assert full == (decode.MALFORMED, full.reason) and "repeated key" in full.reason
+
+
+REPEATED = [
+    b'{"additions":[{"s":"a","p":"b","o":"c"}],"additions":[{"s":"a","p":"b","o":"d"}]}',
+    b'{"additions":[{"s":"a","p":"b","o":"c","s":"z"}]}',
+    b'{"additions":[{"s":"a","p":"b","o":"c","g":null,"g":"h"}]}',
+    b'{"additions":[{"s":"a","p":"b","o":"c","g":null,"g":null}]}',
+    b'{"additions":[{"s":"a","p":"b","o":"c"}],"id":"x","id":"x"}',
+    b'{"additions":[{"s":"a","p":"b","o":"c"}],"removals":[],"removals":[]}',
+    b'{"additions" :[{"s" :"a","p":"b","o":"c"}],"additions":[]}',
+    b'{"id":"d","additions":[{"s":"a","p":"b","o":"c","o":"c"}],"actor":"x"}',
+]
+
+
+def test_native_json_refuses_every_repeated_key():
+    """msgspec keeps the last of repeated keys: the quote count must catch each one."""
+    for value in REPEATED:
+        assert decode.native_json(value) is None
+        assert canonical_actions(value) is None
+        assert decode_delta(value).code == decode.MALFORMED
+        assert "repeated key" in decode_delta(value).reason
+        _check(value)
+
+
+def test_native_paths_take_the_common_deltas():
+    """What the bench measures goes through the native paths (not only their fallbacks)."""
+    ascii_delta = Delta((Triple("urn:a", "urn:p", "v1"),), (Triple("urn:a", "urn:q", "old"),), "d0")
+    other = Delta((Triple("urn:a", "urn:p", "v1", "urn:g"), Triple("urn:b", "urn:p", "é")), (), "d1", "me")
+    for value in (encode_json(ascii_delta), encode_avro(ascii_delta), encode_json(other)):
+        assert canonical_actions(value) == canonical_encoded(_full(value)[0])
+    assert decode.native_json(encode_json(other)) is not None
+    assert decode.avro_ascii_terms(encode_avro(ascii_delta)) is not None
+    assert decode.avro_ascii_terms(encode_avro(other)) is None  # "é": not an ASCII body (decode_valid reads it)
+
+
+ASCII_TERMS = st.one_of(st.text(alphabet="ab:/", min_size=0, max_size=70), st.sampled_from(["", "a" * 63, "a" * 64]))
+
+
+def _zz(n: int) -> bytes:
+    """An Avro long: zig-zag, then a varint."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _avro_str(t: str) -> bytes:
+    b = t.encode()
+    return _zz(len(b)) + b
+
+
+def _avro_array(triples: list[Triple], sizes: list[int], byte_sizes: bool) -> bytes:
+    """An Avro array of triples in blocks of the given sizes (the rest in one more block), each
+    with its byte size (a negative count) if asked."""
+    out, i = b"", 0
+    for size in [*sizes, len(triples)]:
+        chunk = triples[i : i + size]
+        if not chunk:
+            continue
+        i += len(chunk)
+        body = b"".join(
+            _avro_str(t.s) + _avro_str(t.p) + _avro_str(t.o) + (b"\x00" if t.g is None else b"\x02" + _avro_str(t.g))
+            for t in chunk
+        )
+        out += _zz(-len(chunk)) + _zz(len(body)) + body if byte_sizes else _zz(len(chunk)) + body
+    return out + b"\x00"
+
+
+ASCII_TRIPLES = st.lists(
+    st.builds(Triple, ASCII_TERMS, ASCII_TERMS, ASCII_TERMS, st.one_of(st.none(), ASCII_TERMS)), max_size=5
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(
+    ASCII_TRIPLES,
+    ASCII_TRIPLES,
+    ASCII_TERMS,
+    ASCII_TERMS,
+    st.lists(st.integers(1, 3), max_size=3),
+    st.booleans(),
+    st.integers(0, 300),
+    st.integers(0, 255),
+)
+def test_ascii_avro_reader_agrees(adds, rems, did, actor, sizes, byte_sizes, where, byte):
+    """Blocks of any size (and with byte sizes, which it leaves to the others), lengths across the
+    one-byte varint limit, every byte mutated: the ASCII reader agrees with the full path or declines."""
+    value = bytearray(decode.AVRO_PREFIX)
+    value += _avro_str(did) + _avro_array(adds, sizes, byte_sizes) + _avro_array(rems, sizes, byte_sizes)
+    value += _avro_str(actor)
+    if not byte_sizes and not sizes:  # one block each, as fastavro writes it
+        assert bytes(value) == encode_avro(Delta(tuple(adds), tuple(rems), did, actor))
+    _check(bytes(value))
+    if where < len(value):
+        value[where] = byte
+        _check(bytes(value))
+    _check(bytes(value[: where % (len(value) + 1)]))
