@@ -156,7 +156,9 @@ class Checker:
         prefix: str,
         acked: Acked,
         faulty_at: Callable[[str, int], bool],
+        tails: tuple[Any, Any, Any] | None = None,
     ) -> None:
+        """`tails`: the (deltas, votes, roots) readers; by default a TopicTail of each topic."""
         self.settings = settings
         self.bootstrap = bootstrap
         self.topics = topics
@@ -165,9 +167,11 @@ class Checker:
         self.store = LockchainStore.from_url(
             redis_url, settings.chain_id, prefix, socket_timeout=3, socket_connect_timeout=2
         )
-        self.deltas = TopicTail(bootstrap, topics.deltas.name)
-        self.votes = TopicTail(bootstrap, topics.votes.name)
-        self.roots = TopicTail(bootstrap, topics.roots.name)
+        self.deltas, self.votes, self.roots = tails or (
+            TopicTail(bootstrap, topics.deltas.name),
+            TopicTail(bootstrap, topics.votes.name),
+            TopicTail(bootstrap, topics.roots.name),
+        )
         processor = settings.processor()
         self.asm = {s: BeatAssembler(s, settings.tick_ms, processor) for s in range(SHARDS)}
         self.replay: dict[int, list[Entry]] = {s: [] for s in range(SHARDS)}
