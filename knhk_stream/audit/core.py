@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from knhk_stream.errors import AuditError, ChainImportError, LockchainError, ProofUnavailable, RecordsGone
 from knhk_stream.protocol.beats import Beat, BeatAssembler, beat_end_ms, beat_ms
@@ -27,6 +27,9 @@ from knhk_stream.protocol.proof import BundleCheck, StepResult, make_bundle, ver
 from knhk_stream.protocol.receipts import ReceiptMaker, receipt_offset
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.lockchain import LockchainStore, VerifyReport, check_entry, verify_range
+
+if TYPE_CHECKING:
+    from knhk_stream.kafka.roots import RootsCheck
 
 __all__ = [
     "AuditError",
@@ -45,6 +48,7 @@ __all__ = [
     "audit_shard",
     "build_bundle",
     "compare_beat",
+    "cross_check_roots",
     "export_chain",
     "import_chain",
     "locate_offset",
@@ -426,6 +430,7 @@ class AuditReport:
     verify: VerifyReport | None = None
     difference: Difference | None = None
     gone: Gone | None = None
+    unchecked: str | None = None  # records before the first entry that Kafka no longer holds (retention)
     error: str | None = None  # the replay could not run (e.g. unreadable entries)
     seconds: float = 0.0
 
@@ -438,7 +443,7 @@ class AuditReport:
         """OK, FAILED (the chain or the replay is wrong) or INCOMPLETE (records gone from Kafka)."""
         if self.difference or self.error or (self.verify is not None and not self.verify.ok):
             return "FAILED"
-        return "INCOMPLETE" if self.gone else "OK"
+        return "INCOMPLETE" if self.gone or self.unchecked else "OK"
 
     def problems(self) -> list[str]:
         """Each thing wrong, most precise first, as an auditor reads it."""
@@ -453,6 +458,8 @@ class AuditReport:
             out.append(f"replay: {self.error}")
         if self.gone:
             out.append(str(self.gone))
+        if self.unchecked:
+            out.append(self.unchecked)
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -461,6 +468,7 @@ class AuditReport:
         out["chain"] = self.verify.to_json() if self.verify else None
         out["difference"] = self.difference.to_json() if self.difference else None
         out["gone"] = str(self.gone) if self.gone else None
+        out["unchecked"] = self.unchecked
         out["error"] = self.error
         out["seconds"] = round(self.seconds, 3)
         return out
@@ -474,15 +482,22 @@ def audit_shard(
     from_cycle: int | None = None,
     to_cycle: int | None = None,
     progress: Callable[[int], None] | None = None,
+    roots: RootsCheck | None = None,
 ) -> AuditReport:
-    """Verify the chain range, then replay its beats from Kafka and compare every one.
+    """Verify the chain range, then replay its records from Kafka and compare every beat.
 
-    Kafka is read once, sequentially, from the first entry's first_offset; the
-    first difference stops the replay and is reported precisely.
+    Kafka is read once, sequentially: from the shard's `start_offset` (or, for a
+    range, from the end of the entry before it), so that a delta before the first
+    entry or between two entries that no committed receipt covers is a difference
+    too. The first difference stops the replay and is reported precisely. `roots`
+    (from `cross_check_roots`) adds what the roots topic says against Redis. Never
+    raises on hostile data: everything wrong is in the report.
     """
     t0 = time.monotonic()
     report = AuditReport(settings.chain_id, shard, from_cycle, to_cycle)
     report.verify = verify_range(store, settings, shard, from_cycle, to_cycle)
+    if roots is not None:
+        report.verify.problems.extend(roots.problems.get(shard, []))
     tick = progress or (lambda _n: None)
     try:
         _replay_range(store, settings, log, report, tick)
@@ -512,12 +527,29 @@ def _replay_range(
     if not cycles:
         return
     report.first_cycle, report.last_cycle = cycles[0], cycles[-1]
-    first, last = store.get(shard, cycles[0]), store.get(shard, cycles[-1])
+    try:
+        first, last = store.get(shard, cycles[0]), store.get(shard, cycles[-1])
+        prev = store.previous(shard, cycles[0]) if report.from_cycle is not None else None
+    except (ValueError, KeyError, TypeError) as e:
+        report.error = f"the first or last entry of the range cannot be read ({e!r}), so nothing was replayed"
+        return
     if first is None or last is None:
         report.error = "the first or last entry of the range is missing, so nothing was replayed"
         return
+    # From where the chain (or the entry before the range) leaves off: every delta from there on must be covered.
+    begin = prev.entry.last_offset + 1 if prev is not None else settings.start_offset(shard)
+    if first.entry.first_offset < begin:
+        report.difference = Difference(
+            first.entry.cycle,
+            first.entry.first_offset,
+            "first_offset",
+            str(first.entry.first_offset),
+            f"the chain of shard {shard} starts at offset {begin} ("
+            + ("the end of the entry before it)" if prev is not None else "its start_offset)"),
+        )
+        return
     entries = _readable_entries(store, report)
-    start: int | None = first.entry.first_offset
+    start: int | None = begin
     last_offset = last.entry.last_offset
     processor = settings.processor()
     source: Iterator[Record] | None = None
@@ -528,6 +560,18 @@ def _replay_range(
                 head = next(source, None)
                 break
             except RecordsGone as gone:
+                if start < first.entry.first_offset:  # the gap before the first entry is gone
+                    upto = first.entry.first_offset - 1
+                    if gone.first_available is not None:
+                        upto = min(upto, gone.first_available - 1)
+                    report.unchecked = (
+                        f"Kafka no longer holds offsets {start}..{upto} of shard {shard} (retention): whether "
+                        f"every delta before the first entry (cycle {first.entry.cycle}, from offset "
+                        f"{first.entry.first_offset}) has a committed receipt cannot be checked"
+                    )
+                    if gone.first_available is not None and gone.first_available <= first.entry.first_offset:
+                        start = first.entry.first_offset
+                        continue
                 entries, start = _skip_gone(report, entries, gone, tick)
         else:
             return  # every beat's records are gone
@@ -541,12 +585,14 @@ def _replay_range(
                 yield r
 
         beats = replay_beats(counted(), shard, settings.tick_ms, processor)
+        covered = start
         for ce in entries:
             beat = next(beats, None)
-            diff = compare_beat(ce.entry, beat, end[0])
+            diff = _uncovered(ce.entry, beat, covered) or compare_beat(ce.entry, beat, end[0])
             if diff is not None:
                 report.difference = diff
                 return
+            covered = ce.entry.last_offset + 1
             report.replayed += 1
             report.receipts += ce.entry.receipt_count
             tick(1)
@@ -557,6 +603,36 @@ def _replay_range(
     finally:
         if source is not None:
             source.close()
+
+
+def _uncovered(e: Entry, beat: Beat | None, since: int) -> Difference | None:
+    """A replayed beat that starts before the entry: deltas that no committed receipt covers (skipped input)."""
+    if beat is None or beat.first_offset >= e.first_offset:
+        return None
+    return Difference(
+        beat.cycle,
+        beat.first_offset,
+        "uncovered",
+        f"no delta from offset {since} before offset {e.first_offset}, where the entry of cycle {e.cycle} starts",
+        f"{beat.receipt_count} delta(s) in the beat of cycle {beat.cycle} at offsets "
+        f"{beat.first_offset}..{beat.last_offset} that no committed receipt covers: input was skipped",
+    )
+
+
+def cross_check_roots(
+    store: LockchainStore,
+    settings: ChainSettings,
+    log: DeltaLog,
+    roots_topic: str,
+    shards: Iterable[int] | None = None,
+    from_cycle: int | None = None,
+    to_cycle: int | None = None,
+) -> RootsCheck:
+    """The roots topic against Redis (protocol "Verification"), for `audit_shard(roots=...)`."""
+    from knhk_stream.kafka.roots import cross_check
+
+    return cross_check(store, settings, log.bootstrap, roots_topic, dict(log.kafka_config), shards, from_cycle,
+                       to_cycle)  # fmt: skip
 
 
 def _skip_gone(

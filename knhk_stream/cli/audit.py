@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -93,6 +94,10 @@ def _log(
 @range_options
 @click.option("--hash-only", is_flag=True, help="Put only the value's hash (delta_hash) in the bundle, not the value.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the bundle here (default: stdout).")
+@click.option(
+    "--wait", type=click.FloatRange(min=0), default=0, metavar="S",
+    help="While the delta is not committed yet (exit 75), try again for up to S seconds.",
+)  # fmt: skip
 @fail_cleanly
 @_audit_errors
 def prove(
@@ -110,20 +115,24 @@ def prove(
     to_cycle,
     hash_only,
     out,
+    wait,
 ) -> None:
     """Write a self-contained JSON proof that one delta is in the committed chain.
 
     Name the delta by --shard S --offset O (`produce --report` prints both), or
     by --id ID. The beat is found in Redis by binary search and replayed from
     Kafka; the bundle is checked before it is written. Exit 75 when the beat is
-    not committed yet (try again later), 1 when there is nothing to prove there
-    (a tick marker, no such record), 3 when Kafka no longer holds the record.
+    not committed yet (try again later; --wait S does, for up to S seconds), 1
+    when there is nothing to prove there (a tick marker, no such record), 3 when
+    Kafka no longer holds the record.
 
     --id searches the committed beats of the shard(s) in the cycle range
     --from/--to (default: the whole chain) in cycle order: it reads every record
     of those beats from Kafka once and decodes it, so it costs as much as
-    `audit` over that range; narrow it with --shard and --from/--to. A value that
-    does not decode has no id to find: prove it by --offset.
+    `audit` over that range; narrow it with --shard and --from/--to. Not found
+    up to the head exits 75 (its beat may not be committed yet); not found
+    before --to exits 1. A value that does not decode has no id to find: prove
+    it by --offset.
     """
     from knhk_stream.audit.core import build_bundle
 
@@ -135,13 +144,27 @@ def prove(
         raise click.UsageError("--from/--to only narrow the search of --id")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    if offset is not None:
-        where = (shard[0], offset)
-        _committed_yet(store, settings, *where)
-        log = _log(bootstrap, topic_prefix, declarations, kafka_config)
-    else:
-        log = _log(bootstrap, topic_prefix, declarations, kafka_config)
-        where = _find_id(store, log, shards_of(store, shard), delta_id, from_cycle, to_cycle)
+    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+
+    def find() -> tuple[int, int]:
+        if offset is not None:
+            _committed_yet(store, settings, shard[0], offset)
+            return shard[0], offset
+        return _find_id(store, log, shards_of(store, shard), delta_id, from_cycle, to_cycle)
+
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        try:
+            where = find()
+            break
+        except ExitWith as e:
+            if e.exit_code != EXIT_NOT_YET or time.monotonic() >= deadline:
+                raise
+            if not said:
+                said = True
+                click.echo(f"not committed yet; trying again for up to {wait:g} s (--wait)", err=True)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
     bundle = build_bundle(store, settings, log, where[0], where[1], hash_only)
     text = json.dumps(bundle, indent=2, ensure_ascii=False) + "\n"
     if out is None:
@@ -210,11 +233,16 @@ def _find_id(
             break
     scope = "; ".join(searched) or "no committed beats"
     if not found:
+        open_ended = to_cycle is None  # searched up to the heads: a later beat may still hold it
         raise ExitWith(
-            f"no delta with id {delta_id!r} in the committed beats searched ({scope}; {read} records read). If it "
-            "was produced recently its beat may not be committed yet (see `knhk-stream status`); widen --from/--to "
-            "or --shard otherwise",
-            EXIT_ERROR,
+            f"no delta with id {delta_id!r} in the committed beats searched ({scope}; {read} records read)"
+            + (
+                ": its beat may not be committed yet (try again, or --wait S; see `knhk-stream status`), or no "
+                "delta has this id (check it, or narrow --shard, --from and --to)"
+                if open_ended
+                else ": widen --from/--to or --shard"
+            ),
+            EXIT_NOT_YET if open_ended else EXIT_ERROR,
         )
     others = ", ".join(f"offset {o}" for _, o in found[1:])
     click.echo(
@@ -287,21 +315,24 @@ def audit(
     Exit 0 when everything matches, 1 at the first difference or chain problem,
     3 when Kafka no longer holds some beats' records (retention).
     """
-    from knhk_stream.audit.core import audit_shard
+    from knhk_stream.audit.core import audit_shard, cross_check_roots
 
     if bool(shard) == all_shards:
         raise click.UsageError("give --shard S (repeatable) or --all-shards")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    shards = list(shard) if shard else store.shards()
+    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+    # The roots topic against Redis (truncation, deletion, forks); its end offsets are noted before Redis is read.
+    roots_topic = resolve_topics(declarations, topic_prefix).roots.name
+    roots = cross_check_roots(store, settings, log, roots_topic, list(shard) or None, from_cycle, to_cycle)
+    shards = list(shard) if shard else sorted(set(store.shards()) | set(roots.shards))
     if not shards:
         raise ExitWith(f"no chain {settings.chain_id!r} under Redis prefix {prefix!r}: nothing to audit", EXIT_ERROR)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
     reports = []
     for s in shards:
         total = store.count(s, from_cycle, to_cycle)
         with click.progressbar(length=total, label=f"shard {s}", file=sys.stderr, show_pos=True) as bar:
-            reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update))
+            reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update, roots=roots))
     if as_json:
         for r in reports:
             echo_json(r.to_json())
@@ -358,7 +389,7 @@ def export(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, out) -
 @fail_cleanly
 @_audit_errors
 def import_(file, settings_path, redis_url, prefix, dry_run) -> None:
-    """Verify a JSON Lines chain (hashes, links, quorum signatures, chain id), then append it.
+    """Verify a JSON Lines chain (FILE, or - for stdin: hashes, links, quorum signatures, chain id), then append it.
 
     Refuses, writing nothing, any line that is tampered with or that would fork
     the chain in Redis or leave a hole; identical entries already present are skipped.

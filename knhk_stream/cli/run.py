@@ -205,15 +205,14 @@ def status(
     settings_path, redis_url, prefix, bootstrap, topic_prefix, declarations, kafka_config, no_kafka, as_json
 ) -> None:
     """Per shard: committed head, each peer's newest vote and lag, stalls and equivocation."""
-    from knhk_stream.runtime.status import kafka_positions, render, shard_status
+    from knhk_stream.runtime.status import kafka_view, render, shard_status
     from knhk_stream.store.lockchain import LockchainStore
 
     settings = ChainSettings.from_toml(settings_path)
     topics = resolve_topics(declarations, topic_prefix)
     store = LockchainStore.from_url(redis_url, settings.chain_id, prefix, socket_connect_timeout=5)
     known = store.shards()  # Redis first: an unreachable Redis is one line before Kafka is tried
-    watermarks: dict[int, int] = {}
-    committed: dict[tuple[str, int], int] = {}
+    kafka = None
     if not no_kafka:
         config, log = client_config(kafka_config)
         counts = require_kafka(bootstrap, config, log, "; or pass --no-kafka to read Redis only")
@@ -223,15 +222,15 @@ def status(
                 "or pass --no-kafka to read Redis only"
             )
         topics = topics.with_partitions(counts[topics.deltas.name])  # the broker's count, not the declared one
-        watermarks, committed = kafka_positions(bootstrap, topics, settings, config)
+        kafka = kafka_view(bootstrap, topics, settings, config)
     shards = sorted(set(range(topics.deltas.partitions)) | set(known))
-    statuses = [shard_status(store, settings, s, watermarks, committed) for s in shards]
+    statuses = [shard_status(store, settings, s, kafka=kafka) for s in shards]
     if as_json:
         for st in statuses:
             echo_json(st.to_json())
     else:
         click.echo(render(statuses))
-    if any(s.stalled or s.equivocations for s in statuses):
+    if any(s.needs_attention for s in statuses):  # a stall, equivocation, or a peer's alarm
         sys.exit(EXIT_ATTENTION)
 
 

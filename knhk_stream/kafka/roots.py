@@ -36,14 +36,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from knhk_stream.errors import InvalidRoot
+from knhk_stream.errors import AuditError, InvalidRoot
 from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH
@@ -53,8 +53,19 @@ from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root
 from knhk_stream.runtime.node import Record
 from knhk_stream.runtime.worker import from_message
+from knhk_stream.store.lockchain import LockchainStore, Problem
 
-__all__ = ["KINDS", "InvalidRoot", "RootsReader"]
+__all__ = [
+    "KINDS",
+    "InvalidRoot",
+    "RootsCheck",
+    "RootsReader",
+    "check_root",
+    "cross_check",
+    "end_offsets",
+    "partition_values",
+    "read_upto",
+]
 
 log = logging.getLogger("knhk_stream.kafka.roots")
 
@@ -297,38 +308,7 @@ class RootsReader:
 
     def _end_offsets(self, shards: list[int]) -> dict[int, int]:
         """High watermarks from a fetch (the broker's ListOffsets "latest" cannot be trusted)."""
-        probe = Consumer(
-            {
-                **self._common,
-                "group.id": f"knhk.roots.probe.{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "fetch.wait.max.ms": 100,
-            }
-        )
-        ends: dict[int, int] = {}
-        try:
-            probe.assign([TopicPartition(self.topic, s, 0) for s in shards])
-            deadline = time.monotonic() + 30
-            while len(ends) < len(shards):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no high watermark of {self.topic} partitions {sorted(set(shards) - set(ends))}"
-                    )
-                for m in probe.consume(100, timeout=0.5):
-                    s = m.partition()
-                    if s in ends:
-                        continue
-                    err = m.error()
-                    if err is not None and err.code() == KafkaError._PARTITION_EOF:
-                        ends[s] = m.offset()
-                    elif err is None:
-                        high = probe.get_watermark_offsets(TopicPartition(self.topic, s), cached=True)[1]
-                        if high >= 0:
-                            ends[s] = high
-        finally:
-            probe.close()
-        return ends
+        return end_offsets(self._common, self.topic, shards)
 
     # -- records in -----------------------------------------------------------------------
 
@@ -393,37 +373,15 @@ class RootsReader:
         return True
 
     def _fields_checked(self, r: Record) -> CommittedEntry:
-        try:
-            ce = decode_root(r.value)
-        except WireError as e:
-            raise InvalidRoot("bad_record", str(e), r) from None
-        e = ce.entry
-        if e.chain_id != self.settings.chain_id:
-            raise InvalidRoot("wrong_chain", f"chain_id {e.chain_id!r}, the settings say {self.settings.chain_id!r}", r)
-        if e.shard != r.partition:
-            raise InvalidRoot("wrong_shard", f"shard {e.shard} in partition {r.partition}", r)
-        key = record_key(e.chain_id, e.shard, e.cycle)
-        if r.key != key.encode():
-            raise InvalidRoot("wrong_key", f"key {r.key!r}, the fields say {key!r}", r)
-        return ce
-
-    def _quorum(self, ce: CommittedEntry) -> QuorumCheck:
-        epoch = self.settings.epoch_for(ce.entry.cycle)
-        if ce.epoch != epoch.number:
-            why = f"epoch {ce.epoch}, but cycle {ce.entry.cycle} is in epoch {epoch.number}"
-            return QuorumCheck(False, (), (), (why,))
-        return check_quorum(ce.entry_hash, ce.votes, epoch)
+        return fields_checked(self.settings, r)
 
     def _quorum_ok(self, ce: CommittedEntry) -> bool:
-        return self._quorum(ce).valid
+        return root_quorum(self.settings, ce).valid
 
     def _place(self, st: _Shard, r: Record) -> None:
         """A live record: check it, then drop it as a duplicate, hold it, or hand it out."""
         try:
-            ce = self._fields_checked(r)
-            q = self._quorum(ce)
-            if not q.valid:
-                raise InvalidRoot("bad_quorum", "; ".join(q.problems), r)
+            ce = check_root(self.settings, r)
         except InvalidRoot as e:
             self._invalid(e)
             return
@@ -484,3 +442,240 @@ class RootsReader:
             self._ready.append((e.record, e))
         elif self.on_invalid is not None:
             self.on_invalid(e.record, e)
+
+
+# -- checking one record, and the roots topic against Redis ---------------------------------
+
+
+def fields_checked(settings: ChainSettings, r: Record, check_key: bool = True) -> CommittedEntry:
+    """A roots-topic record decoded, its entry hash recomputed, its chain and shard those of the settings and
+    its partition; InvalidRoot otherwise. `check_key=False` ignores the record key (protocol "Verification")."""
+    try:
+        ce = decode_root(r.value)
+    except WireError as e:
+        raise InvalidRoot("bad_record", str(e), r) from None
+    e = ce.entry
+    if e.chain_id != settings.chain_id:
+        raise InvalidRoot("wrong_chain", f"chain_id {e.chain_id!r}, the settings say {settings.chain_id!r}", r)
+    if e.shard != r.partition:
+        raise InvalidRoot("wrong_shard", f"shard {e.shard} in partition {r.partition}", r)
+    if check_key:
+        key = record_key(e.chain_id, e.shard, e.cycle)
+        if r.key != key.encode():
+            raise InvalidRoot("wrong_key", f"key {r.key!r}, the fields say {key!r}", r)
+    return ce
+
+
+def root_quorum(settings: ChainSettings, ce: CommittedEntry) -> QuorumCheck:
+    """The root's epoch is the epoch of its cycle and its votes are a quorum of that epoch."""
+    epoch = settings.epoch_for(ce.entry.cycle)
+    if ce.epoch != epoch.number:
+        why = f"epoch {ce.epoch}, but cycle {ce.entry.cycle} is in epoch {epoch.number}"
+        return QuorumCheck(False, (), (), (why,))
+    return check_quorum(ce.entry_hash, ce.votes, epoch)
+
+
+def check_root(settings: ChainSettings, r: Record, check_key: bool = True) -> CommittedEntry:
+    """Every check of one roots-topic record but its link: the entry if valid, else InvalidRoot (nothing else)."""
+    ce = fields_checked(settings, r, check_key)
+    try:
+        q = root_quorum(settings, ce)
+    except (ValueError, TypeError) as e:  # hostile data is a finding, never a crash
+        raise InvalidRoot("bad_quorum", f"cannot be checked: {e}", r) from None
+    if not q.valid:
+        raise InvalidRoot("bad_quorum", "; ".join(q.problems), r)
+    return ce
+
+
+def _probe_config(common: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **common,
+        "group.id": f"knhk.roots.probe.{uuid.uuid4().hex[:8]}",
+        "enable.auto.commit": False,
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 100,
+    }
+
+
+def end_offsets(common: dict[str, Any], topic: str, partitions: Iterable[int], timeout_s: float = 30) -> dict[int, int]:
+    """High watermarks from a fetch (a broker's ListOffsets "latest" cannot be trusted: Tansu's is wrong)."""
+    shards = sorted(set(partitions))
+    probe = Consumer(_probe_config(common))
+    ends: dict[int, int] = {}
+    try:
+        probe.assign([TopicPartition(topic, s, 0) for s in shards])
+        deadline = time.monotonic() + timeout_s
+        while len(ends) < len(shards):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no high watermark of {topic} partitions {sorted(set(shards) - set(ends))}")
+            for m in probe.consume(100, timeout=0.5):
+                s = m.partition()
+                if s in ends:
+                    continue
+                err = m.error()
+                if err is not None and err.code() == KafkaError._PARTITION_EOF:
+                    ends[s] = m.offset()
+                elif err is None:
+                    high = probe.get_watermark_offsets(TopicPartition(topic, s), cached=True)[1]
+                    if high >= 0:
+                        ends[s] = high
+    finally:
+        probe.close()
+    return ends
+
+
+def read_upto(common: dict[str, Any], topic: str, ends: dict[int, int], timeout_s: float = 30) -> Iterator[Message]:
+    """Every record of the partitions up to (not including) their noted end offsets, per partition in order."""
+    todo = {s: e for s, e in ends.items() if e > 0}
+    if not todo:
+        return
+    c = Consumer(_probe_config(common))
+    try:
+        c.assign([TopicPartition(topic, s, 0) for s in todo])
+        idle = time.monotonic()
+        while todo:
+            msgs = c.consume(1000, timeout=0.5)
+            if not msgs and time.monotonic() - idle > timeout_s:
+                raise AuditError(f"reading {topic}: partitions {sorted(todo)} gave nothing for {timeout_s:.0f} s")
+            for m in msgs:
+                idle = time.monotonic()
+                s = m.partition()
+                if s not in todo:
+                    continue
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF and m.offset() >= todo[s]:
+                        del todo[s]
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        raise AuditError(f"reading {topic}[{s}]: {err.str()}")
+                    continue
+                if m.offset() < todo[s]:
+                    yield m
+                if m.offset() + 1 >= todo[s]:
+                    del todo[s]
+    finally:
+        c.close()
+
+
+def partition_values(common: dict[str, Any], topic: str, partition: int, timeout_s: float = 30) -> list[bytes | None]:
+    """The values of one partition's records, oldest first, up to its end when called."""
+    ends = end_offsets(common, topic, [partition], timeout_s)
+    return [m.value() for m in read_upto(common, topic, ends, timeout_s)]
+
+
+@dataclass
+class RootsCheck:
+    """The roots topic against Redis (protocol "Verification"), per shard."""
+
+    topic: str
+    ends: dict[int, int] = field(default_factory=dict)  # end offsets noted before Redis was read
+    records: int = 0
+    valid: int = 0
+    invalid: int = 0  # records that are not valid roots: never a finding (anyone may write the topic)
+    newest: dict[int, int] = field(default_factory=dict)  # shard -> cycle of its newest valid root
+    problems: dict[int, list[Problem]] = field(default_factory=dict)
+
+    @property
+    def shards(self) -> list[int]:
+        """Shards with valid roots."""
+        return sorted(self.newest)
+
+
+def cross_check(
+    store: LockchainStore,
+    settings: ChainSettings,
+    bootstrap: str,
+    topic: str,
+    kafka_config: dict[str, Any] | None = None,
+    shards: Iterable[int] | None = None,
+    from_cycle: int | None = None,
+    to_cycle: int | None = None,
+    timeout_s: float = 30,
+) -> RootsCheck:
+    """Compare Redis with the roots topic: truncation, deletion and forks show here, not in Redis alone.
+
+    The topic's end offsets are noted before Redis is read; every valid root up to
+    them (fields, entry hash, epoch and quorum checked; the record key ignored;
+    deduplicated by entry hash) must be in Redis with the same entry hash. A shard
+    with valid roots and no chain in Redis is a finding too. Invalid records are
+    counted, never findings, and never hide a valid root. AuditError when Kafka
+    cannot be read.
+    """
+    common: dict[str, Any] = {"bootstrap.servers": bootstrap, **(kafka_config or {})}
+    probe = Consumer(_probe_config(common))
+    try:
+        meta = probe.list_topics(timeout=10).topics  # unnamed: naming a topic may auto-create it
+    except KafkaException as e:
+        raise AuditError(f"cannot read the topic list from Kafka at {bootstrap}: {e}") from None
+    finally:
+        probe.close()
+    if topic not in meta:
+        raise AuditError(
+            f"the roots topic {topic!r} does not exist at {bootstrap}: check --topic-prefix / --declarations "
+            "(without --bootstrap, `chain verify` checks Redis alone)"
+        )
+    partitions = sorted(meta[topic].partitions)
+    if shards is not None:
+        partitions = [s for s in partitions if s in set(shards)]
+    report = RootsCheck(topic)
+    try:
+        report.ends = end_offsets(common, topic, partitions, timeout_s)
+    except TimeoutError as e:
+        raise AuditError(f"{e} from {bootstrap}") from None
+    valid: dict[int, dict[bytes, CommittedEntry]] = {}
+    for m in read_upto(common, topic, report.ends, timeout_s):
+        report.records += 1
+        r = Record(m.partition(), m.offset(), 0, None, m.value(), m.key())
+        try:
+            ce = check_root(settings, r, check_key=False)
+        except InvalidRoot:
+            report.invalid += 1
+            continue
+        c = ce.entry.cycle
+        if (from_cycle is not None and c < from_cycle) or (to_cycle is not None and c > to_cycle):
+            continue
+        valid.setdefault(r.partition, {}).setdefault(ce.entry_hash, ce)
+    for shard, by_hash in sorted(valid.items()):
+        report.valid += len(by_hash)
+        report.problems[shard] = _compare(store, shard, sorted(by_hash.values(), key=lambda ce: ce.entry.cycle),
+                                          topic)  # fmt: skip
+        report.newest[shard] = max(ce.entry.cycle for ce in by_hash.values())
+    return report
+
+
+def _compare(store: LockchainStore, shard: int, roots: list[CommittedEntry], topic: str) -> list[Problem]:
+    out: list[Problem] = []
+    try:
+        head = store.head(shard)
+    except ValueError:
+        head = None
+    present = store.entry_hashes(shard, sorted({ce.entry.cycle for ce in roots}))
+    first, last = roots[0].entry.cycle, roots[-1].entry.cycle
+    if head is None and not present:
+        out.append(Problem(None, ("head",), f"{len(roots)} valid roots of this shard are on {topic} (cycles "
+                           f"{first}..{last}), but it has no chain in Redis: the shard was deleted"))  # fmt: skip
+        return out
+    by_cycle: dict[int, list[CommittedEntry]] = {}
+    for ce in roots:
+        by_cycle.setdefault(ce.entry.cycle, []).append(ce)
+    missing = []
+    for cycle, ces in sorted(by_cycle.items()):
+        if len(ces) > 1:
+            hashes = ", ".join(ce.entry_hash.hex()[:16] for ce in ces)
+            why = f"{topic} holds {len(ces)} quorum-signed entries for this cycle ({hashes}): a fork"
+            out.append(Problem(cycle, ("entry_hash",), why + " signed by more than threshold - 1 peers"))
+        stored = present.get(cycle)
+        if stored is None:
+            missing.append(cycle)
+        elif all(stored != ce.entry_hash for ce in ces):
+            out.append(Problem(cycle, ("entry_hash",), f"Redis holds entry {stored.hex()}, but {topic} holds the "
+                               f"quorum-signed entry {ces[0].entry_hash.hex()} for this cycle: a fork"))  # fmt: skip
+    if missing:
+        where = "no head" if head is None else f"its head is cycle {head.cycle}"
+        shown = ", ".join(str(c) for c in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        out.append(Problem(missing[0], ("cycles",), f"{len(missing)} committed entries on {topic} (valid quorums; "
+                           f"cycles {shown}) are missing from Redis ({where}; the newest valid root is cycle {last}): "
+                           "the chain was cut short (truncated) or entries were deleted. Restore them from the "
+                           "roots topic or an export (`knhk-stream chain import`)"))  # fmt: skip
+    return out

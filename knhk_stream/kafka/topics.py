@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-ROLES = ("deltas", "votes", "roots")
+ROLES = ("deltas", "votes", "roots", "evidence")
+REQUIRED_ROLES = ("deltas", "votes", "roots")  # a declarations file without an evidence topic gets a default one
+EVIDENCE_CONFIG = {"cleanup.policy": "delete", "retention.ms": "-1"}  # append-only, kept forever
 
 
 @dataclass(frozen=True)
@@ -23,9 +25,19 @@ class Topics:
     deltas: TopicSpec
     votes: TopicSpec
     roots: TopicSpec
+    # Equivocation evidence, append-only (not in the protocol: what peers report, checked by whoever reads it).
+    # Default: named after the votes topic (`P.votes` -> `P.evidence`).
+    evidence: TopicSpec | None = None
+
+    def __post_init__(self) -> None:
+        if self.evidence is None:
+            base = self.votes.name.removesuffix(".votes") if self.votes.name.endswith(".votes") else self.votes.name
+            spec = TopicSpec(f"{base}.evidence", "evidence", self.votes.partitions, dict(EVIDENCE_CONFIG))
+            object.__setattr__(self, "evidence", spec)
 
     def all(self) -> list[TopicSpec]:
-        return [self.deltas, self.votes, self.roots]
+        assert self.evidence is not None
+        return [self.deltas, self.votes, self.roots, self.evidence]
 
     def with_partitions(self, n: int) -> Topics:
         return Topics(*(replace(t, partitions=n) for t in self.all()))
@@ -52,10 +64,10 @@ def load_topics(path: str | Path | None = None) -> Topics:
         if type(parts) is not int or parts < 1:
             raise ValueError(f"{source}: topic[{i}].partitions must be a positive integer")
         found[role] = TopicSpec(str(t["name"]), role, parts, {k: str(v) for k, v in t.get("config", {}).items()})
-    missing = [r for r in ROLES if r not in found]
+    missing = [r for r in REQUIRED_ROLES if r not in found]
     if missing:
         raise ValueError(f"{source}: no topic declared for role(s) {', '.join(missing)}")
-    topics = Topics(found["deltas"], found["votes"], found["roots"])
-    if not topics.deltas.partitions == topics.votes.partitions == topics.roots.partitions:
-        raise ValueError(f"{source}: deltas, votes and roots need the same number of partitions")
+    topics = Topics(found["deltas"], found["votes"], found["roots"], found.get("evidence"))
+    if len({t.partitions for t in topics.all()}) != 1:
+        raise ValueError(f"{source}: deltas, votes, roots and evidence need the same number of partitions")
     return topics

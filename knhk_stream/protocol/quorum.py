@@ -121,11 +121,17 @@ class VoteStatus(Enum):
     BAD_SIGNATURE = "bad_signature"
     WRONG_EPOCH = "wrong_epoch"  # the record names another epoch than the one of its cycle
     EQUIVOCATION = "equivocation"
-    UNLINKED = "unlinked"  # follows neither the committed head nor a held vote: dropped
+    UNLINKED = "unlinked"  # follows neither the committed head nor a held vote of an earlier cycle: dropped
     OUT_OF_WINDOW = "out_of_window"  # more than WINDOW cycles ahead: dropped
+    OVER_SHARE = "over_share"  # the peer already has MAX_HELD_PER_PEER votes held on the shard: dropped
 
 
 WINDOW = 64  # a vote is kept only while its cycle is at most this far ahead (protocol "Votes and quorum")
+# Votes held per peer and shard: an honest peer holds one vote per beat within the window, and
+# as many again re-signed after a dissent; more is what nobody honest sends, and is dropped.
+MAX_HELD_PER_PEER = 4 * WINDOW
+MAX_EVIDENCE_PER_ROUND = 4  # equivocation records kept per (peer, shard, prev_entry_hash, epoch)
+MAX_EQUIVOCATIONS = 1024  # equivocation records kept in all (the oldest go first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,7 @@ class _Successors:
 
     by_peer: dict[str, Vote] = field(default_factory=dict)  # each peer's first valid vote
     by_hash: dict[bytes, dict[str, Vote]] = field(default_factory=dict)
+    evidence: dict[str, set[bytes]] = field(default_factory=dict)  # peer -> second entry hashes recorded
 
 
 class QuorumCollector:
@@ -157,15 +164,20 @@ class QuorumCollector:
 
     A peer's vote counts once per (shard, prev_entry_hash, epoch); a second valid
     vote of that peer for a different successor is equivocation. Votes that
-    cannot link (to the head or to a held vote) or lie beyond the window are
-    dropped, so memory is bounded whatever others send.
+    cannot link (to the head, or to a held vote of an earlier cycle: cycles
+    strictly increase along a chain), lie beyond the window, or exceed a peer's
+    share (`MAX_HELD_PER_PEER` per shard) are dropped, and equivocation records
+    are bounded too, so memory is bounded whatever others send.
     """
 
     def __init__(self, epoch_for: Callable[[int], Epoch]) -> None:
         self.epoch_for = epoch_for
-        self._succ: dict[tuple[int, bytes, int], _Successors] = {}
+        # (shard, prev_entry_hash) -> epoch number -> the votes for its successors
+        self._rounds: dict[tuple[int, bytes], dict[int, _Successors]] = {}
         self._held: dict[int, dict[bytes, Vote]] = {}  # shard -> entry hash -> one vote for it
-        self.equivocations: list[Equivocation] = []
+        self._per_peer: dict[tuple[int, str], int] = {}  # (shard, peer) -> votes of it held
+        self.equivocations: list[Equivocation] = []  # the newest MAX_EQUIVOCATIONS records
+        self._new_evidence: list[Equivocation] = []
 
     def add(self, vote: Vote, head_hash: bytes, horizon: int | None) -> VoteStatus:
         """Take a vote. `head_hash` is the shard's committed head (zeros before genesis);
@@ -180,37 +192,58 @@ class QuorumCollector:
         if horizon is not None and e.cycle > horizon + WINDOW:
             return VoteStatus.OUT_OF_WINDOW
         held = self._held.setdefault(e.shard, {})
-        if e.prev_entry_hash != head_hash and e.prev_entry_hash not in held:
-            return VoteStatus.UNLINKED
-        key = (e.shard, e.prev_entry_hash, epoch.number)
-        succ = self._succ.get(key)
+        if e.prev_entry_hash != head_hash:
+            before = held.get(e.prev_entry_hash)
+            if before is None or e.cycle <= before.entry.cycle:
+                return VoteStatus.UNLINKED  # no held predecessor, or not after it
+        rounds = self._rounds.get((e.shard, e.prev_entry_hash))
+        succ = rounds.get(epoch.number) if rounds is not None else None
         first = succ.by_peer.get(vote.peer_id) if succ is not None else None
         entry_hash = vote.entry_hash
         if first is not None and first.entry_hash == entry_hash:
             return VoteStatus.REPEATED
+        if first is not None and entry_hash in succ.evidence.get(vote.peer_id, ()):
+            return VoteStatus.EQUIVOCATION  # seen before: recorded once
+        share = (e.shard, vote.peer_id)
+        if first is None and self._per_peer.get(share, 0) >= MAX_HELD_PER_PEER:
+            return VoteStatus.OVER_SHARE
         if not verify_vote(pub, epoch.epoch_hash, entry_hash, vote.signature):
             return VoteStatus.BAD_SIGNATURE
         if first is not None:
-            if not any(q.peer_id == vote.peer_id and q.second.entry_hash == entry_hash for q in self.equivocations):
-                self.equivocations.append(
-                    Equivocation(vote.peer_id, e.shard, e.prev_entry_hash, epoch.number, first, vote)
-                )
+            recorded = succ.evidence.setdefault(vote.peer_id, set())
+            if len(recorded) < MAX_EVIDENCE_PER_ROUND:
+                recorded.add(entry_hash)
+                ev = Equivocation(vote.peer_id, e.shard, e.prev_entry_hash, epoch.number, first, vote)
+                self.equivocations.append(ev)
+                if len(self.equivocations) > MAX_EQUIVOCATIONS:
+                    del self.equivocations[: len(self.equivocations) - MAX_EQUIVOCATIONS]
+                self._new_evidence.append(ev)
+                del self._new_evidence[:-MAX_EQUIVOCATIONS]
             return VoteStatus.EQUIVOCATION
         if succ is None:
-            succ = self._succ[key] = _Successors()
+            succ = self._rounds.setdefault((e.shard, e.prev_entry_hash), {})[epoch.number] = _Successors()
         succ.by_peer[vote.peer_id] = vote
         voters = succ.by_hash.setdefault(entry_hash, {})
         voters[vote.peer_id] = vote
         held.setdefault(entry_hash, vote)
+        self._per_peer[share] = self._per_peer.get(share, 0) + 1
         return VoteStatus.QUORUM if len(voters) == epoch.threshold else VoteStatus.COUNTED
+
+    def take_equivocations(self) -> list[Equivocation]:
+        """The equivocation records found since the last call (each is reported once)."""
+        out, self._new_evidence = self._new_evidence, []
+        return out
+
+    def held_votes(self, shard: int | None = None) -> int:
+        """How many votes are held (for one shard, or in all): what bounds this collector's memory."""
+        return sum(n for (s, _), n in self._per_peer.items() if shard is None or s == shard)
 
     def successors(self, shard: int, prev_entry_hash: bytes) -> dict[bytes, dict[str, Vote]]:
         """Counted votes for successors of `prev_entry_hash`, by entry hash (all epochs)."""
         out: dict[bytes, dict[str, Vote]] = {}
-        for (s, prev, _), succ in self._succ.items():
-            if s == shard and prev == prev_entry_hash:
-                for h, voters in succ.by_hash.items():
-                    out.setdefault(h, {}).update(voters)
+        for succ in self._rounds.get((shard, prev_entry_hash), {}).values():
+            for h, voters in succ.by_hash.items():
+                out.setdefault(h, {}).update(voters)
         return out
 
     def quorum_after(
@@ -243,21 +276,27 @@ class QuorumCollector:
         """Keep only votes after the head that link to it through held votes."""
         reachable = {head_hash}
         frontier = [head_hash]
-        by_prev: dict[bytes, list[tuple[int, bytes, int]]] = {}
-        for key in self._succ:
-            if key[0] == shard:
-                by_prev.setdefault(key[1], []).append(key)
-        keep: set[tuple[int, bytes, int]] = set()
+        keep: set[bytes] = set()  # prev_entry_hash of the rounds kept
         while frontier:
             h = frontier.pop()
-            for key in by_prev.get(h, ()):
-                keep.add(key)
-                for entry_hash, voters in self._succ[key].by_hash.items():
+            rounds = self._rounds.get((shard, h))
+            if rounds is None:
+                continue
+            keep.add(h)
+            for succ in rounds.values():
+                for entry_hash, voters in succ.by_hash.items():
                     if entry_hash not in reachable and next(iter(voters.values())).entry.cycle > head_cycle:
                         reachable.add(entry_hash)
                         frontier.append(entry_hash)
-        for key in [k for k in self._succ if k[0] == shard and k not in keep]:
-            del self._succ[key]
+        for key in [k for k in self._rounds if k[0] == shard and k[1] not in keep]:
+            del self._rounds[key]
         held = self._held.get(shard, {})
         for h in [h for h in held if h not in reachable]:
             del held[h]
+        for key in [k for k in self._per_peer if k[0] == shard]:
+            del self._per_peer[key]
+        for (s, _), rounds in self._rounds.items():
+            if s == shard:
+                for succ in rounds.values():
+                    for peer in succ.by_peer:
+                        self._per_peer[(shard, peer)] = self._per_peer.get((shard, peer), 0) + 1

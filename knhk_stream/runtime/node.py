@@ -2,43 +2,55 @@
 
 The caller owns the Kafka clients; `PeerNode` owns everything else (beats and
 votes, quorums, Redis appends and checkpoints, resume points, stall and
-equivocation reports, tick-marker decisions). The caller's loop:
+equivocation reports, tick-marker decisions, and the checks that keep one
+byzantine peer or a Redis writer from misleading it). The caller's loop:
 
 1. `a = node.assign(shard)` when it takes a shard: read the shard's deltas from
    `a.next_offset` and its votes-topic partition from `a.votes_offset`.
 2. `votes = node.process(records)`: produce each `vote_out(vote)` to the votes
    topic; once the broker has them, `node.votes_delivered(votes)` gives the
-   consumer offsets that are safe to commit (beat boundaries).
+   consumer offsets that are safe to commit (beat boundaries). Shards in
+   `node.take_halted()` stopped reading (an open beat grew past its bound):
+   pause them.
 3. `node.on_vote_records(records)` with what it read from the votes topic.
 4. `node.commit_ready()`: produce each `root_out(entry)` to the roots topic and
    report the delivered ones with `node.roots_delivered(entries)`.
 5. `node.markers_due(now_ms)`: produce `marker_out(shard)` to the deltas topic.
-6. Before giving a shard up: deliver its pending votes (step 2), then
+6. `node.evidence_due()`: produce each record to the evidence topic; give the
+   ones that failed back with `node.evidence_failed(records)`.
+7. Before giving a shard up: deliver its pending votes (step 2), then
    `node.revoke(shard)`.
+
+`roots_source(shard)`, if the caller sets it, returns the values of the roots
+topic's partition of that shard, oldest first: the node reads it only to
+re-append entries that were deleted from Redis.
 
 The node never talks to Kafka, so any client library (or a test) can drive it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Literal, NamedTuple, TypeVar
 
 import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from knhk_stream.protocol.beats import beat_end_ms, beat_ms
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.consensus import Consensus
+from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
-from knhk_stream.protocol.quorum import Vote, VoteStatus
+from knhk_stream.protocol.quorum import Equivocation, Vote, VoteStatus
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.protocol.wire import WireError, decode_vote, encode_root, encode_vote
+from knhk_stream.protocol.wire import WireError, decode_root, decode_vote, encode_root, encode_vote
 from knhk_stream.runtime.telemetry import Telemetry
 from knhk_stream.store.epochs import load_epochs
 from knhk_stream.store.lockchain import (
@@ -47,20 +59,31 @@ from knhk_stream.store.lockchain import (
     LockchainStore,
     NotNextError,
     add_evidence,
+    checkpoint_message,
+    checkpoint_verifies,
+    committed_problem,
+    evidence_key,
+    evidence_of,
     get_published,
     load_checkpoint,
+    read_head_entry,
+    read_verified,
     save_checkpoint,
+    set_health,
     set_published,
     set_stall,
+    stored_checkpoint_signature,
 )
 
 __all__ = [
     "REDIS_DOWN",
     "REDIS_ERRORS",
     "Assignment",
+    "NodeLimits",
     "Outbound",
     "PeerNode",
     "Record",
+    "evidence_out",
     "marker_out",
     "now_ms",
     "root_out",
@@ -68,16 +91,14 @@ __all__ = [
 ]
 
 log = logging.getLogger("knhk_stream.runtime.node")
-# an outage, a failover in progress (cluster down, try again, master down) or lagging replicas: retried later
-REDIS_ERRORS = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.exceptions.ClusterError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.MasterDownError,
-)
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
 MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard waiting for the published mark to reach them
+MAX_REPUBLISH = 1000  # unpublished roots queued per shard and round of republishing
+MAX_EVIDENCE_DUE = 1000  # evidence records waiting for the evidence topic
+BAD_LOGS_PER_MINUTE = 10  # hostile records logged one by one per topic and shard; the rest are summed up
+ALARM_KEEP_MS = 3_600_000  # how long an alarm stays in this peer's report (status)
+MAX_ALARMS = 10  # alarms kept per shard in the report
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
 T = TypeVar("T")
 
@@ -93,6 +114,21 @@ REDIS_DOWN = Unreachable.REDIS_DOWN
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """What a peer holds and how often it looks, whatever others send or write."""
+
+    # An open beat that passes either bound stops the shard loudly instead of exhausting
+    # memory (a record stamped far in the future keeps its beat open for ever).
+    max_open_beat_deltas: int = 500_000
+    max_open_beat_bytes: int = 256 * 2**20
+    republish_s: float = 5.0  # committed roots still unpublished after this long are published again
+    head_check_s: float = 2.0  # how often the committed head in Redis is compared with this peer's
+    health_s: float = 5.0  # how often this peer's report on its shards is written (status reads it)
+    recent_entries: int = 4096  # committed entries kept per shard, to re-append them after a truncation
+    roots_retry_s: float = 30.0  # reading the roots topic again to repair a shard, at most this often
 
 
 class Record(NamedTuple):
@@ -139,6 +175,24 @@ def marker_out(shard: int) -> Outbound:
     return Outbound(shard, None, None, [(MARKER_HEADER, b"")])
 
 
+def evidence_out(evidence: dict[str, Any]) -> Outbound:
+    """The evidence-topic record of an equivocation (JSON; readers check both signatures)."""
+    key = f"{evidence['chain_id']}/{evidence_key(evidence)}".encode("utf-8", "replace")
+    return Outbound(evidence["shard"], key, json.dumps(evidence, separators=(",", ":")).encode())
+
+
+@dataclass
+class _OpenSize:
+    """Bytes of the values fed into a shard's open beat (approximate by at most `_SIZE_CHECK` records)."""
+
+    cycle: int | None = None
+    bytes: int = 0
+    unchecked: int = 0
+
+
+_SIZE_CHECK = 64  # records between looks at the open beat's cycle and delta count
+
+
 class PeerNode:
     """One peer's logic for the shards it holds, driven by a caller that owns the Kafka I/O."""
 
@@ -149,6 +203,8 @@ class PeerNode:
         key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
         store: LockchainStore,
         telemetry: Telemetry | None = None,
+        limits: NodeLimits | None = None,
+        roots_source: Callable[[int], Iterable[bytes | None]] | None = None,
     ) -> None:
         if store.chain_id != settings.chain_id:
             raise ValueError(f"the store is for chain {store.chain_id!r}, the settings for {settings.chain_id!r}")
@@ -158,13 +214,15 @@ class PeerNode:
         self.consensus = Consensus(lambda cycle: self.settings.epoch_for(cycle))
         self.store = store
         self.telemetry = telemetry or Telemetry(None)
-        self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0}
+        self.limits = limits or NodeLimits()
+        self.roots_source = roots_source
+        self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0, "bad_records": 0, "reappended": 0}
         self.on_commit: Callable[[CommittedEntry, float], None] | None = None
         self._checkpoint_due: dict[int, ResumePoint] = {}
         self._vote_offsets: dict[int, dict[int, int]] = {}  # shard -> cycle -> lowest votes offset
         self._votes_pos: dict[int, int] = {}  # shard -> next votes offset to read
-        self._marker_for: dict[int, int] = {}  # shard -> open cycle a marker was written for
-        self._to_publish: list[CommittedEntry] = []  # roots found unpublished at assign
+        self._marker_for: dict[int, tuple[int, int]] = {}  # shard -> (open cycle, ms) of the last marker
+        self._to_publish: list[CommittedEntry] = []  # roots found unpublished
         self._prior: dict[tuple[int, int], int | None] = {}  # (shard, cycle) of a root to publish -> cycle before it
         self._acked: dict[int, dict[int, int | None]] = {}  # shard -> acknowledged cycle -> cycle before it
         self._marks_tried = 0.0
@@ -173,6 +231,21 @@ class PeerNode:
         self._revotes: list[Vote] = []  # re-signed after a dissent, to produce with the next votes
         self._epochs_checked = 0.0
         self._epoch_findings: set[str] = set()
+        # what keeps hostile input and hostile storage from stopping or misleading this peer
+        self._bad: dict[tuple[str, int], list[int]] = {}  # (topic, shard) -> [minute, logged, skipped, count]
+        self._open_size: dict[int, _OpenSize] = {}
+        self._halted: dict[int, str] = {}  # shard -> why it stopped reading (open beat too large)
+        self._new_halts: list[int] = []
+        self._blocked: dict[int, str] = {}  # shard -> why nothing is committed on it (untrusted Redis state)
+        self._alarms: dict[int, list[dict[str, Any]]] = {}
+        self._recent: dict[int, dict[int, CommittedEntry]] = {}  # shard -> cycle -> verified committed entry
+        self._forged_checkpoint: dict[int, str] = {}  # shard -> stored signature text of a checkpoint refused
+        self._heads_checked = 0.0
+        self._republished = time.monotonic()
+        self._republish_upto: dict[int, int | None] = {}  # shard -> head cycle at the last round
+        self._roots_read: dict[int, float] = {}  # shard -> when the roots topic was last read to repair it
+        self._health_written = 0.0
+        self._evidence_due: list[Outbound] = []
 
     @classmethod
     def connect(
@@ -183,12 +256,13 @@ class PeerNode:
         redis_url: str = "redis://127.0.0.1:6379/0",
         prefix: str = "knhk",
         telemetry: Telemetry | None = None,
+        limits: NodeLimits | None = None,
     ) -> PeerNode:
         """A node on the Redis at `redis_url`, with timeouts so an outage is noticed, not waited out."""
         store = LockchainStore.from_url(
             redis_url, settings.chain_id, prefix, socket_timeout=5, socket_connect_timeout=5
         )
-        return cls(settings, peer_id, key, store, telemetry)
+        return cls(settings, peer_id, key, store, telemetry, limits)
 
     @property
     def shards(self) -> list[int]:
@@ -204,18 +278,21 @@ class PeerNode:
         """
         while True:
             try:
-                point, votes_from = self._resume(shard)
-                head = self.store.head(shard)
-                self._queue_unpublished(shard, head.cycle if head else None)
+                point, votes_from, head = self._resume(shard)
+                self._queue_unpublished(shard, head.entry.cycle if head else None)
                 break
             except REDIS_ERRORS as e:
                 self._redis_unavailable(e)
                 time.sleep(1)
         self._redis_available()
         self.engine.assign(shard, point)
+        self._halted.pop(shard, None)
+        self._open_size[shard] = _OpenSize()
         if head is not None:
-            self._advance(shard, head.cycle, head.entry_hash)
+            self._remember(head)
+            self._advance(shard, head.entry.cycle, head.entry_hash)
         self._votes_pos[shard] = votes_from
+        self._republish_upto[shard] = None
         log.info(
             "shard %d: resume at offset %d after cycle %s; votes from offset %d",
             shard,
@@ -228,43 +305,84 @@ class PeerNode:
     def revoke(self, shard: int) -> None:
         """Give a shard up (deliver its pending votes first); its open beat is rebuilt by the next holder."""
         self.flush_checkpoints()
+        self._write_health([shard])
         self.engine.revoke(shard)
-        self._vote_offsets.pop(shard, None)
-        self._votes_pos.pop(shard, None)
-        self._marker_for.pop(shard, None)
+        for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked, self._open_size,
+                          self._halted, self._blocked, self._recent, self._forged_checkpoint,
+                          self._republish_upto, self._roots_read, self._alarms):  # fmt: skip
+            per_shard.pop(shard, None)
         self._to_publish = [ce for ce in self._to_publish if ce.entry.shard != shard]
-        self._acked.pop(shard, None)
         for k in [k for k in self._prior if k[0] == shard]:
             del self._prior[k]
 
-    def _resume(self, shard: int) -> tuple[ResumePoint, int]:
-        """Own checkpoint, else right after the committed head, else the chain's start offset."""
-        cp = load_checkpoint(self.store, self.peer_id, shard)
+    def _resume(self, shard: int) -> tuple[ResumePoint, int, CommittedEntry | None]:
+        """Own checkpoint (if its signature verifies), else right after the committed head (if its quorum
+        verifies), else the chain's start offset. Also returns the verified committed head."""
+        head, problem = read_head_entry(self.store, self.settings, shard)
+        if problem is not None:
+            self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer neither resumes from "
+                        "it nor builds on it, and commits nothing on this shard until the head in Redis verifies "
+                        "again (someone who can write Redis changed it; see `knhk-stream chain verify`)")  # fmt: skip
+        cp = self._own_checkpoint(shard)
         if cp is not None:
             prev = cp.entry_hash
             if cp.cycle is not None:
-                ce = self.store.get(shard, cp.cycle)  # committed: chain from it, not from an own dissenting vote
+                ce, _ = read_verified(self.store, self.settings, shard, cp.cycle)
                 if ce is not None and ce.entry.last_offset + 1 == cp.next_offset:
-                    prev = ce.entry_hash
-            return ResumePoint(cp.next_offset, prev, cp.cycle), cp.votes_offset
-        head = self.store.head(shard)
+                    prev = ce.entry_hash  # committed: chain from it, not from an own dissenting vote
+            return ResumePoint(cp.next_offset, prev, cp.cycle), cp.votes_offset, head
         if head is not None:
-            ce = self.store.get(shard, head.cycle)
-            if ce is not None:
-                return ResumePoint.after(ce.entry), 0
-        return ResumePoint(self.settings.start_offset(shard)), 0
+            return ResumePoint.after(head.entry), 0, head
+        return ResumePoint(self.settings.start_offset(shard)), 0, head
+
+    def _own_checkpoint(self, shard: int) -> Checkpoint | None:
+        """This peer's checkpoint of the shard, only if it is there and its signature verifies."""
+        try:
+            cp = load_checkpoint(self.store, self.peer_id, shard)
+        except ValueError as e:
+            cp, why = None, f"cannot be read ({e})"
+        else:
+            if cp is None:
+                return None
+            if checkpoint_verifies(self.settings.chain_id, self.peer_id, shard, cp, self.engine.keys):
+                return cp
+            why = "does not verify under this peer's key"
+        self._forged_checkpoint[shard] = stored_checkpoint_signature(self.store, self.peer_id, shard) or ""
+        where = "" if cp is None else f" (it says: resume at offset {cp.next_offset}, after cycle {cp.cycle})"
+        self._alarm(
+            shard,
+            "forged_checkpoint",
+            f"the checkpoint of peer {self.peer_id} in Redis {why}{where}: ignored, so no input is skipped; "
+            "resuming after the verified committed head or at start_offset instead, and replacing it with a "
+            "signed one. Someone who can write Redis wrote it (or a version of knhk-stream before 0.2 that did "
+            "not sign checkpoints)",
+        )
+        return None
 
     def _queue_unpublished(self, shard: int, head_cycle: int | None) -> None:
+        """Queue the committed roots after the published mark up to `head_cycle` (verified) for publishing."""
         if head_cycle is None:
             return
         published = get_published(self.store, shard)
         if published is not None and published >= head_cycle:
             return
         start = None if published is None else published + 1
-        found = self.store.range(shard, start, head_cycle)  # all read before anything is queued
+        found: list[CommittedEntry] = []
+        for cycle, raw in self.store.raw_range(shard, start, head_cycle):  # all read before anything is queued
+            try:
+                ce = CommittedEntry.from_mapping(raw)
+            except (ValueError, KeyError, TypeError):
+                break  # the mark cannot move over an entry that cannot be read
+            if ce.entry.cycle != cycle or committed_problem(self.settings, ce, shard) is not None:
+                break
+            found.append(ce)
+            if len(found) >= MAX_REPUBLISH:
+                break
         prior = published
+        queued = {(c.entry.shard, c.entry.cycle) for c in self._to_publish}
         for ce in found:
-            self._to_publish.append(ce)
+            if (shard, ce.entry.cycle) not in queued:
+                self._to_publish.append(ce)
             self._prior[(shard, ce.entry.cycle)] = prior
             prior = ce.entry.cycle
 
@@ -273,7 +391,7 @@ class PeerNode:
     def process(self, records: Iterable[Record]) -> list[Vote]:
         """Delta records in offset order per shard; returns the votes of the beats they close."""
         feed = self.engine.feed
-        held = set(self.engine.shards)
+        held = set(self.engine.shards).difference(self._halted)
         rejected: dict[str, int] = {}
         votes, self._revotes = self._revotes, []
         n = 0
@@ -292,10 +410,51 @@ class PeerNode:
                 if self.telemetry.enabled and beat is not None:
                     for code, k in rejections_by_code(beat.receipts).items():
                         rejected[code] = rejected.get(code, 0) + k
+            size = self._open_size.get(shard) or self._open_size.setdefault(shard, _OpenSize())
+            size.bytes += len(r.value) if r.value else 0
+            size.unchecked += 1
+            if (
+                size.unchecked >= _SIZE_CHECK or size.bytes > self.limits.max_open_beat_bytes
+            ) and self._check_open_beat(shard, size, r):
+                held.discard(shard)
         self.stats["deltas"] += n
         self.stats["votes"] += len(votes)
         self.telemetry.deltas_processed(n, rejected)
         return votes
+
+    def _check_open_beat(self, shard: int, size: _OpenSize, r: Record) -> bool:
+        """Whether the shard's open beat has grown past its bounds (then the shard halts); resets the counts."""
+        cycle, first, deltas = self.engine.open_beat(shard)
+        if cycle != size.cycle:  # a new beat since the last look: count from this record (at most 63 off)
+            size.cycle, size.bytes = cycle, len(r.value) if r.value else 0
+        size.unchecked = 0
+        lim = self.limits
+        if deltas <= lim.max_open_beat_deltas and size.bytes <= lim.max_open_beat_bytes:
+            return False
+        assert cycle is not None
+        starts = cycle * beat_ms(self.settings.tick_ms)
+        ahead = starts - now_ms()
+        when = f"{ahead / 86_400_000:,.0f} days in the future" if ahead > 86_400_000 else f"{-ahead} ms ago"
+        reason = (
+            f"the open beat of cycle {cycle} (from offset {first}) holds {deltas} deltas and {size.bytes} bytes, more "
+            f"than the bounds (--max-open-beat-deltas {lim.max_open_beat_deltas}, --max-open-beat-bytes "
+            f"{lim.max_open_beat_bytes}); that beat starts {when}. A record stamped far in the future keeps a beat "
+            "open until a record of a later cycle comes. This shard stops reading here, skipping nothing: check "
+            "that the deltas topic uses message.timestamp.type=LogAppendTime and the producers' clocks, and "
+            f"look at offset {first}. After a restart it resumes at its last beat boundary and stops here again "
+            "unless the bounds are raised"
+        )
+        self._halted[shard] = reason
+        self._new_halts.append(shard)
+        log.error("SHARD %d HALTED: %s", shard, reason)
+        self._alarm(shard, "halted", reason, logged=True)
+        self.telemetry.stalled(shard)
+        return True
+
+    def take_halted(self) -> list[int]:
+        """Shards that stopped reading since the last call: the caller may pause them (nothing more is fed)."""
+        out, self._new_halts = self._new_halts, []
+        return out
 
     def votes_delivered(self, votes: Sequence[Vote]) -> dict[int, int]:
         """The votes are on the votes topic: checkpoint, and return per shard the offset safe to commit."""
@@ -311,13 +470,56 @@ class PeerNode:
         """Write due checkpoints to Redis; False while Redis is down (they are retried later)."""
         for shard in list(self._checkpoint_due):
             point = self._checkpoint_due[shard]
-            cp = Checkpoint(
-                point.next_offset, point.prev_entry_hash, point.last_cycle, self._votes_hint(shard), now_ms()
-            )
-            if self._redis(save_checkpoint, self.store, self.peer_id, shard, cp) is REDIS_DOWN:
+            cp = self._signed(
+                shard,
+                Checkpoint(point.next_offset, point.prev_entry_hash, point.last_cycle, self._votes_hint(shard),
+                           now_ms()),
+            )  # fmt: skip
+            if self._redis(self._save_checkpoint, shard, cp) is REDIS_DOWN:
                 return False
             del self._checkpoint_due[shard]
         return True
+
+    def _signed(self, shard: int, cp: Checkpoint) -> Checkpoint:
+        epoch = self.settings.epoch_for(cp.cycle if cp.cycle is not None else 0)
+        pub = epoch.public_keys.get(self.peer_id)
+        key = self.engine.keys.get(pub) if pub is not None else None
+        if key is None:
+            key = next(iter(self.engine.keys.values()))
+        return replace(cp, signature=key.sign(checkpoint_message(self.settings.chain_id, self.peer_id, shard, cp)))
+
+    def _save_checkpoint(self, shard: int, cp: Checkpoint) -> bool:
+        """Write a signed checkpoint; one that does not verify never stands in the way, and a refusal is said."""
+        replace_sig = self._forged_checkpoint.get(shard)
+        if save_checkpoint(self.store, self.peer_id, shard, cp, replace_sig):
+            if replace_sig is not None:
+                self._forged_checkpoint.pop(shard, None)
+                log.warning("shard %d: replaced the checkpoint that did not verify with this peer's own", shard)
+            return True
+        try:
+            stored = load_checkpoint(self.store, self.peer_id, shard)
+        except ValueError:
+            stored = None
+        if stored is not None and checkpoint_verifies(
+            self.settings.chain_id, self.peer_id, shard, stored, self.engine.keys
+        ):
+            log.warning(
+                "shard %d: checkpoint at offset %d not written: this peer's signed checkpoint in Redis is further "
+                "on (offset %d), written by another worker of this peer that holds the shard now",
+                shard,
+                cp.next_offset,
+                stored.next_offset,
+            )
+            return False
+        self._forged_checkpoint[shard] = stored_checkpoint_signature(self.store, self.peer_id, shard) or ""
+        self._alarm(
+            shard,
+            "forged_checkpoint",
+            f"a checkpoint of peer {self.peer_id} that does not verify under its key (offset "
+            f"{stored.next_offset if stored else '?'}) stood in the way of its own at offset {cp.next_offset}: "
+            "replaced. Someone who can write Redis wrote it",
+        )
+        return save_checkpoint(self.store, self.peer_id, shard, cp, self._forged_checkpoint.pop(shard))
 
     def _votes_hint(self, shard: int) -> int:
         """Lowest votes offset that may still matter: votes for cycles after the head."""
@@ -329,7 +531,13 @@ class PeerNode:
     # -- everyone's votes and commits -------------------------------------------------------
 
     def on_vote_records(self, records: Iterable[Record]) -> None:
-        """Records read from the votes topic (of held shards; others are ignored)."""
+        """Records read from the votes topic (of held shards; others are ignored).
+
+        A record that does not decode, is out of range or names another chain or
+        shard, and a vote that does not count (bad signature, unknown peer, wrong
+        epoch, over its peer's share) is counted and logged with its offset, and
+        skipped: nothing on the topic can stop this peer.
+        """
         for r in records:
             shard = r.partition
             if shard not in self._votes_pos:
@@ -338,71 +546,100 @@ class PeerNode:
             try:
                 vote = decode_vote(r.value)
             except WireError as e:
-                log.warning("votes topic shard %d offset %d: %s; ignored", shard, r.offset, e)
+                self._bad_record("votes", shard, r.offset, str(e))
                 continue
             if vote.entry.chain_id != self.settings.chain_id or vote.entry.shard != shard:
-                log.warning(
-                    "vote at votes offset %d names chain %r shard %d; ignored",
-                    r.offset,
-                    vote.entry.chain_id,
-                    vote.entry.shard,
-                )
+                why = f"a vote for chain {vote.entry.chain_id!r} shard {vote.entry.shard}, not this chain's shard"
+                self._bad_record("votes", shard, r.offset, why)
                 continue
             status = self.consensus.add(vote)
             if status in (VoteStatus.COUNTED, VoteStatus.QUORUM):
                 self._vote_offsets.setdefault(shard, {}).setdefault(vote.entry.cycle, r.offset)
-            elif status is VoteStatus.EQUIVOCATION:
-                self._report_equivocation(vote)
-            elif status in (VoteStatus.BAD_SIGNATURE, VoteStatus.UNKNOWN_PEER):
-                log.warning(
-                    "vote for shard %d cycle %d from %r: %s; ignored",
-                    shard,
-                    vote.entry.cycle,
-                    vote.peer_id,
-                    status.value,
-                )
+            elif status in (VoteStatus.BAD_SIGNATURE, VoteStatus.UNKNOWN_PEER, VoteStatus.WRONG_EPOCH,
+                            VoteStatus.OVER_SHARE):  # fmt: skip
+                why = f"vote for cycle {vote.entry.cycle} from {vote.peer_id!r}: {status.value}"
+                self._bad_record("votes", shard, r.offset, why)
+        for ev in self.consensus.collector.take_equivocations():
+            self._report_equivocation(ev)
 
-    def _report_equivocation(self, vote: Vote) -> None:
-        for ev in self.consensus.collector.equivocations:
-            if ev.second is vote:
-                log.error(
-                    "EQUIVOCATION: peer %s signed two entries for shard %d cycle %d: %s and %s",
-                    ev.peer_id,
-                    ev.shard,
-                    ev.cycle,
-                    ev.first.entry_hash.hex(),
-                    ev.second.entry_hash.hex(),
-                )
-                evidence = {
-                    "peer_id": ev.peer_id,
-                    "shard": ev.shard,
-                    "cycle": ev.cycle,
-                    "first": {**ev.first.entry.to_fields(), "signature": ev.first.signature.hex()},
-                    "second": {**ev.second.entry.to_fields(), "signature": ev.second.signature.hex()},
-                }
-                self._redis(add_evidence, self.store, ev.shard, evidence)
-                self.telemetry.equivocation(ev.shard, ev.peer_id)
+    def _bad_record(self, topic: str, shard: int, offset: int, why: str) -> None:
+        """Count a hostile record; log it with its offset (at most BAD_LOGS_PER_MINUTE a minute, then a sum)."""
+        self.stats["bad_records"] += 1
+        minute = int(time.monotonic() // 60)
+        st = self._bad.setdefault((topic, shard), [minute, 0, 0, 0])
+        st[3] += 1
+        if st[0] != minute:
+            if st[2]:
+                log.warning("%s topic shard %d: %d more bad records skipped in the last minute", topic, shard, st[2])
+            st[0], st[1], st[2] = minute, 0, 0
+        if st[1] < BAD_LOGS_PER_MINUTE:
+            st[1] += 1
+            log.warning("%s topic shard %d offset %d: %s; skipped", topic, shard, offset, why)
+        else:
+            st[2] += 1
+
+    def _report_equivocation(self, ev: Equivocation) -> None:
+        log.error(
+            "EQUIVOCATION: peer %s signed two successors of entry %s on shard %d (cycles %d and %d): %s and %s",
+            ev.peer_id,
+            ev.prev_entry_hash.hex()[:16],
+            ev.shard,
+            ev.first.entry.cycle,
+            ev.second.entry.cycle,
+            ev.first.entry_hash.hex(),
+            ev.second.entry_hash.hex(),
+        )
+        evidence = evidence_of(ev, self.peer_id, now_ms())
+        self._redis(add_evidence, self.store, ev.shard, evidence)
+        self._evidence_due.append(evidence_out(evidence))
+        del self._evidence_due[:-MAX_EVIDENCE_DUE]
+        self.telemetry.equivocation(ev.shard, ev.peer_id)
+
+    def evidence_due(self) -> list[Outbound]:
+        """Evidence records for the evidence topic (append-only: Redis can be wiped, the topic cannot)."""
+        out, self._evidence_due = self._evidence_due, []
+        return out
+
+    def evidence_failed(self, records: Iterable[Outbound]) -> None:
+        """Evidence records the broker did not take: they come out of the next `evidence_due()`."""
+        self._evidence_due = [*records, *self._evidence_due][-MAX_EVIDENCE_DUE:]
 
     def commit_ready(self) -> list[CommittedEntry]:
         """Append every quorum that follows a held shard's head; returns the roots to publish.
 
-        Also retries checkpoints that waited for Redis. The list holds the entries
-        this node wrote (in cycle order per shard), after any found unpublished at
-        `assign`.
+        Also retries checkpoints that waited for Redis, compares the committed heads
+        in Redis with this peer's (a head that moved back is re-appended), and
+        republishes committed roots that stayed unpublished. The list holds the
+        entries this node wrote (in cycle order per shard), after any found unpublished.
         """
         out, self._to_publish = self._to_publish, []
-        if time.monotonic() - self._epochs_checked > EPOCH_POLL_S:
-            self._epochs_checked = time.monotonic()
+        now = time.monotonic()
+        if now - self._epochs_checked > EPOCH_POLL_S:
+            self._epochs_checked = now
             self.refresh_epochs()
         if self._checkpoint_due and not self.flush_checkpoints():
             return out
-        if self._acked and time.monotonic() - self._marks_tried > 1:
-            self._marks_tried = time.monotonic()
+        if self._acked and now - self._marks_tried > 1:
+            self._marks_tried = now
             self._move_marks(list(self._acked))
+        if now - self._heads_checked > self.limits.head_check_s:
+            self._heads_checked = now
+            for shard in self.engine.shards:
+                if self._check_head(shard) is REDIS_DOWN:
+                    return out
         for shard in self.engine.shards:
+            if shard in self._blocked:
+                continue
             if not self._commit_shard(shard, out):
                 return out  # Redis is down: the other shards wait too
             self._note_stall(shard)
+        if now - self._republished > self.limits.republish_s:
+            self._republished = now
+            self._republish()
+            out, self._to_publish = out + self._to_publish, []
+        if now - self._health_written > self.limits.health_s:
+            self._health_written = now
+            self._write_health(self.engine.shards)
         return out
 
     def _commit_shard(self, shard: int, out: list[CommittedEntry]) -> bool:
@@ -413,18 +650,14 @@ class PeerNode:
             try:
                 written = self.store.append(ce)
             except NotNextError:
-                head = self._redis(self.store.head, shard)
-                if head is REDIS_DOWN:
+                moved = self._check_head(shard)
+                if moved is REDIS_DOWN:
                     return False
-                if head is not None and head.cycle >= ce.entry.cycle:
-                    self._advance(shard, head.cycle, head.entry_hash)
-                    continue
-                log.error(
-                    "shard %d: cannot commit cycle %d after head %s: a predecessor is missing",
-                    shard,
-                    ce.entry.cycle,
-                    None if head is None else head.cycle,
-                )
+                if moved:
+                    continue  # the head in Redis is further on (verified): go on from there
+                if shard not in self._blocked:
+                    log.error("shard %d: cannot commit cycle %d: it does not follow the committed head in Redis",
+                              shard, ce.entry.cycle)  # fmt: skip
                 return True
             except ForkError as e:
                 log.critical("shard %d: %s", shard, e)
@@ -434,6 +667,7 @@ class PeerNode:
                 self._redis_unavailable(e)
                 return False
             self._redis_available()
+            self._remember(ce)
             if written:
                 out.append(ce)
                 self._prior[(shard, ce.entry.cycle)] = prior
@@ -467,14 +701,211 @@ class PeerNode:
             for c in [c for c in per if c <= cycle]:
                 del per[c]
 
+    def _remember(self, ce: CommittedEntry) -> None:
+        """Keep a verified committed entry, to re-append it should it be deleted from Redis."""
+        recent = self._recent.setdefault(ce.entry.shard, {})
+        recent[ce.entry.cycle] = ce
+        while len(recent) > self.limits.recent_entries:
+            del recent[next(iter(recent))]
+
+    # -- the committed head in Redis against this peer's -----------------------------------
+
+    def _check_head(self, shard: int) -> bool | Literal[Unreachable.REDIS_DOWN]:
+        """Compare the head in Redis with this peer's; True when a verified head further on was adopted.
+
+        A head that does not verify is never adopted (the shard is blocked, loudly); a
+        head behind this peer's (entries deleted from Redis) raises an alarm and the
+        missing entries are re-appended, verified, rather than built on.
+        """
+        view = self.consensus.view(shard)
+        quick = self._redis(self._head_is, shard, view.head_cycle, view.head_hash)
+        if quick is REDIS_DOWN:
+            return REDIS_DOWN
+        if quick:
+            self._unblock(shard)
+            return False
+        got = self._redis(read_head_entry, self.store, self.settings, shard)
+        if got is REDIS_DOWN:
+            return REDIS_DOWN
+        head, problem = got
+        if problem is not None:
+            self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer commits nothing on "
+                        "this shard until the head in Redis verifies again (someone who can write Redis changed "
+                        "it; see `knhk-stream chain verify`)")  # fmt: skip
+            return False
+        mine = view.head_cycle
+        if head is not None and (mine is None or head.entry.cycle > mine):
+            self._unblock(shard)
+            self._remember(head)
+            self._advance(shard, head.entry.cycle, head.entry_hash)
+            return True
+        if head is not None and head.entry.cycle == mine:
+            if head.entry_hash == view.head_hash:
+                self._unblock(shard)
+                return False
+            self._block(shard, "fork", f"the committed head in Redis at cycle {mine} is entry "
+                        f"{head.entry_hash.hex()}, but this peer saw entry {view.head_hash.hex()} committed there: "
+                        "two quorums for one cycle (more than threshold - 1 peers are faulty). Nothing more is "
+                        "committed on this shard")  # fmt: skip
+            return False
+        if mine is None:
+            return False
+        self._head_moved_back(shard, head)
+        return False
+
+    def _head_is(self, shard: int, cycle: int | None, entry_hash: bytes) -> bool:
+        """Whether the head in Redis is exactly this peer's (one read; the usual case)."""
+        try:
+            head = self.store.head(shard)
+        except ValueError:
+            return False
+        return head is not None and cycle is not None and (head.cycle, head.entry_hash) == (cycle, entry_hash)
+
+    def _head_moved_back(self, shard: int, head: CommittedEntry | None) -> None:
+        view = self.consensus.view(shard)
+        where = "gone (no head)" if head is None else f"cycle {head.entry.cycle}"
+        self._alarm(
+            shard,
+            "head_moved_back",
+            f"HEAD MOVED BACK: the committed head in Redis is {where}, but this peer saw the chain committed up to "
+            f"cycle {view.head_cycle}: entries were deleted from Redis (truncation). Re-appending the missing "
+            "entries (each quorum verified) rather than building on the shortened chain; check who can write Redis",
+        )
+        self._repair(shard, head)
+
+    def _repair(self, shard: int, base: CommittedEntry | None) -> None:
+        """Re-append the committed entries from `base` (None: genesis) up to this peer's head."""
+        view = self.consensus.view(shard)
+        base_hash = base.entry_hash if base is not None else ZERO_HASH
+        by_hash = {ce.entry_hash: ce for ce in self._recent.get(shard, {}).values()}
+        chain = self._walk(by_hash, view.head_hash, base_hash)
+        if chain is None and self.roots_source is not None:
+            last = self._roots_read.get(shard)
+            if last is None or time.monotonic() - last > self.limits.roots_retry_s:
+                self._roots_read[shard] = time.monotonic()
+                by_hash.update(self._roots_of(shard, base, view.head_cycle))
+                chain = self._walk(by_hash, view.head_hash, base_hash)
+        if chain is None:
+            self._block(shard, "head_moved_back", f"cannot re-append the entries after {base_hash.hex()[:16]} up "
+                        f"to cycle {view.head_cycle}: they are neither in this peer's memory nor on the roots topic. "
+                        "Nothing more is committed on this shard until they are restored (`knhk-stream chain "
+                        "import` of an export)")  # fmt: skip
+            return
+        written = 0
+        for ce in chain:
+            try:
+                if self.store.append(ce):
+                    written += 1
+            except (NotNextError, ForkError) as e:
+                self._block(shard, "head_moved_back", f"re-appending cycle {ce.entry.cycle} was refused ({e}); "
+                            "the chain in Redis changed meanwhile: tried again shortly")  # fmt: skip
+                return
+            except REDIS_ERRORS as e:
+                self._redis_unavailable(e)
+                return
+        self.stats["reappended"] += written
+        self._unblock(shard)
+        log.warning("shard %d: re-appended %d deleted entries (cycles %d..%d); the committed head is cycle %d again",
+                    shard, written, chain[0].entry.cycle, chain[-1].entry.cycle, view.head_cycle)  # fmt: skip
+
+    @staticmethod
+    def _walk(by_hash: dict[bytes, CommittedEntry], top: bytes, base: bytes) -> list[CommittedEntry] | None:
+        """The entries from just after `base` up to `top`, oldest first, if `by_hash` holds the whole way."""
+        chain: list[CommittedEntry] = []
+        h = top
+        while h != base:
+            ce = by_hash.get(h)
+            if ce is None:
+                return None
+            chain.append(ce)
+            h = ce.entry.prev_entry_hash
+        chain.reverse()
+        return chain
+
+    def _roots_of(self, shard: int, base: CommittedEntry | None, upto: int | None) -> dict[bytes, CommittedEntry]:
+        """Valid roots of the shard after `base` up to `upto` from the roots topic, by entry hash."""
+        assert self.roots_source is not None
+        after = base.entry.cycle if base is not None else -1
+        found: dict[bytes, CommittedEntry] = {}
+        invalid = 0
+        try:
+            for value in self.roots_source(shard):
+                try:
+                    ce = decode_root(value)
+                except WireError:
+                    invalid += 1
+                    continue
+                c = ce.entry.cycle
+                if not after < c <= (upto if upto is not None else c) or ce.entry_hash in found:
+                    continue
+                if committed_problem(self.settings, ce, shard) is None:
+                    found[ce.entry_hash] = ce
+                else:
+                    invalid += 1
+        except Exception as e:  # the roots topic may be unreachable: tried again later
+            log.error("shard %d: cannot read the roots topic to re-append deleted entries: %s", shard, e)
+        log.info("shard %d: %d valid roots on the roots topic after cycle %d (%d records not valid)",
+                 shard, len(found), after, invalid)  # fmt: skip
+        return found
+
+    def _block(self, shard: int, kind: str, reason: str) -> None:
+        if self._blocked.get(shard) != reason:
+            log.critical("shard %d: %s", shard, reason)
+        self._blocked[shard] = reason
+        self._alarm(shard, kind, reason, logged=True)
+
+    def _unblock(self, shard: int) -> None:
+        if self._blocked.pop(shard, None) is not None:
+            log.warning("shard %d: the committed head in Redis verifies and follows this peer's again", shard)
+
+    # -- this peer's report (status) --------------------------------------------------------
+
+    def _alarm(self, shard: int, kind: str, message: str, logged: bool = False) -> None:
+        """Raise an alarm: log (unless `logged`), metric, and this peer's report that `status` reads."""
+        alarms = self._alarms.setdefault(shard, [])
+        if alarms and alarms[-1]["kind"] == kind and alarms[-1]["message"] == message:
+            alarms[-1]["at_ms"] = now_ms()
+            return
+        if not logged:
+            log.critical("shard %d: %s", shard, message)
+        alarms.append({"kind": kind, "message": message, "at_ms": now_ms()})
+        del alarms[:-MAX_ALARMS]
+        self.telemetry.alarm(shard, kind)
+        self._health_written = 0.0  # report it at the next step
+
+    def health(self, shard: int) -> dict[str, Any]:
+        """This peer's report on a held shard (what `status` shows per peer)."""
+        t = now_ms()
+        alarms = [a for a in self._alarms.get(shard, []) if t - a["at_ms"] < ALARM_KEEP_MS]
+        self._alarms[shard] = alarms
+        cycle, first, deltas = self.engine.open_beat(shard) if shard in self.engine.shards else (None, None, 0)
+        bad = {topic: st[3] for (topic, s), st in self._bad.items() if s == shard}
+        return {
+            "at_ms": t,
+            "halted": self._halted.get(shard),
+            "blocked": self._blocked.get(shard),
+            "alarms": alarms,
+            "bad_records": bad,
+            "held_votes": self.consensus.collector.held_votes(shard),
+            "open_beat": {"cycle": cycle, "first_offset": first, "deltas": deltas},
+        }
+
+    def _write_health(self, shards: Iterable[int]) -> None:
+        for shard in shards:
+            if shard in self.engine.shards and self._redis(set_health, self.store, shard, self.peer_id,
+                                                           self.health(shard)) is REDIS_DOWN:  # fmt: skip
+                return
+
+    # -- publishing roots -------------------------------------------------------------------
+
     def roots_delivered(self, entries: Iterable[CommittedEntry]) -> None:
         """Roots the broker acknowledged: move the shard's "published up to" mark.
 
         The mark only moves over an unbroken run of acknowledged roots from where it
         stands (this node's and, once they move it, other peers'), so a root whose
-        appender died before publishing it is published again by whoever next takes
-        the shard: the protocol's at-least-once rule. Runs that wait for another
-        peer's acknowledgement are retried from `commit_ready()`.
+        appender died (or never publishes) is published again by every peer once it
+        has stayed unpublished for `republish_s`: the protocol's at-least-once rule.
+        Runs that wait for another peer's acknowledgement are retried from `commit_ready()`.
         """
         touched = set()
         for ce in entries:
@@ -483,6 +914,21 @@ class PeerNode:
                 self._acked.setdefault(shard, {})[cycle] = self._prior.pop((shard, cycle))
                 touched.add(shard)
         self._move_marks(touched)
+
+    def _republish(self) -> None:
+        """Queue the roots that were committed a round ago and are still not published (withheld, or lost)."""
+        for shard in self.engine.shards:
+            upto = self._republish_upto.get(shard)
+            self._republish_upto[shard] = self.consensus.view(shard).head_cycle
+            if upto is None or shard in self._blocked:
+                continue
+            before = len(self._to_publish)
+            if self._redis(self._queue_unpublished, shard, upto) is REDIS_DOWN:
+                return
+            if len(self._to_publish) > before:
+                log.warning("shard %d: %d committed roots up to cycle %d were still not on the roots topic after "
+                            "%.0f s (their appender did not publish them): publishing them", shard,
+                            len(self._to_publish) - before, upto, self.limits.republish_s)  # fmt: skip
 
     def _move_marks(self, shards: Iterable[int]) -> None:
         for shard in shards:
@@ -501,10 +947,10 @@ class PeerNode:
                     del acked[cycle]
                 else:
                     break
-            if reached != mark:
+            if reached is not None and reached != mark:
                 self._redis(set_published, self.store, shard, reached)
             while len(acked) > MAX_WAITING_ACKS:
-                del acked[min(acked)]  # the next holder of the shard republishes from the mark anyway
+                del acked[min(acked)]  # the next round of republishing covers them anyway
 
     def _note_stall(self, shard: int) -> None:
         stalled = self.consensus.views[shard].stalled_at if shard in self.consensus.views else None
@@ -562,8 +1008,13 @@ class PeerNode:
             return False
         self.settings = candidate
         newest = candidate.epoch_chain.newest
-        log.warning("adopted epoch %d (from cycle %d, %d peers, threshold %d)",
-                    newest.number, newest.from_cycle, len(newest.peers), newest.threshold)
+        log.warning(
+            "adopted epoch %d (from cycle %d, %d peers, threshold %d)",
+            newest.number,
+            newest.from_cycle,
+            len(newest.peers),
+            newest.threshold,
+        )
         return True
 
     # -- tick markers -----------------------------------------------------------------------
@@ -571,17 +1022,25 @@ class PeerNode:
     def markers_due(self, at_ms: int | None = None) -> list[int]:
         """Shards whose open beat (holding deltas) is over by wall clock: write a marker into each.
 
-        Each open beat gets one marker from this node; the caller must produce it.
+        A marker is written a tick after the beat's end by this peer's clock, and again
+        every beat while the beat stays open: a clock that runs ahead of the broker's
+        puts the first marker into the same beat. The caller must produce them.
         """
         t = now_ms() if at_ms is None else at_ms
+        tick = self.settings.tick_ms
+        again = beat_ms(tick)
         due: list[int] = []
         for shard in self.engine.shards:
-            cycle, _first, deltas = self.engine.open_beat(shard)
-            if cycle is None or not deltas or self._marker_for.get(shard) == cycle:
+            if shard in self._halted:
                 continue
-            if t > self.engine.beat_end_ms(cycle) + self.settings.tick_ms:
-                self._marker_for[shard] = cycle
-                due.append(shard)
+            cycle, _first, deltas = self.engine.open_beat(shard)
+            if cycle is None or not deltas or t <= beat_end_ms(cycle, tick) + tick:
+                continue
+            last = self._marker_for.get(shard)
+            if last is not None and last[0] == cycle and t - last[1] < again:
+                continue
+            self._marker_for[shard] = (cycle, t)
+            due.append(shard)
         self.stats["markers"] += len(due)
         return due
 

@@ -1,22 +1,43 @@
-"""What `knhk-stream status` reports: per shard, the head, each peer's progress, lag and flags."""
+"""What `knhk-stream status` reports: per shard, the head, each peer's progress, lag and flags.
+
+Everything read back is checked before it is shown as a fact: a checkpoint by
+its peer's signature, equivocation evidence by both of its signatures (Redis
+and the append-only evidence topic; anyone can write either). What peers
+report about themselves (halts, alarms) is shown as their report.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from knhk_stream.kafka.topics import Topics
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.store.lockchain import LockchainStore, get_evidence, get_stall, load_checkpoint
+from knhk_stream.store.lockchain import (
+    LockchainStore,
+    checkpoint_verifies,
+    evidence_key,
+    evidence_problem,
+    get_evidence,
+    get_health,
+    get_stall,
+    load_checkpoint,
+)
+
+ALARM_SHOWN_MS = 3_600_000  # alarms a peer reported within the last hour are shown (and make status exit 3)
+REPORT_STALE_MS = 60_000  # a peer's report older than this is shown as stale
 
 
 @dataclass
 class PeerProgress:
     peer_id: str
     voted_cycle: int | None = None
-    state: str = "no vote yet"  # agrees | DISSENTS | ahead | no vote yet
-    lag: int | None = None
+    state: str = "no vote yet"  # agrees | DISSENTS | ahead | no vote yet | BAD CHECKPOINT
+    lag: int | None = None  # records behind the high watermark
+    lag_lso: int | None = None  # records behind the last stable offset (what read_committed peers can read)
+    report: dict[str, Any] | None = None  # what the peer wrote about the shard (halts, alarms, counts)
 
 
 @dataclass
@@ -26,53 +47,122 @@ class ShardStatus:
     head_age_s: float | None = None
     entries: int = 0
     high_watermark: int | None = None
+    last_stable_offset: int | None = None
+    waits_on_lso: str | None = None  # why read_committed peers cannot read further, if an open transaction
     stalled: dict[str, str] | None = None
-    equivocations: list[dict[str, Any]] = field(default_factory=list)
+    equivocations: list[dict[str, Any]] = field(default_factory=list)  # verified evidence only
+    invalid_evidence: int = 0  # evidence records that do not verify (ignored)
+    alarms: list[dict[str, Any]] = field(default_factory=list)  # {peer_id, kind, message, at_ms}
     peers: list[PeerProgress] = field(default_factory=list)
+
+    @property
+    def needs_attention(self) -> bool:
+        """A stall, equivocation evidence or a peer's alarm: `status` exits 3."""
+        return bool(self.stalled or self.equivocations or self.alarms)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass
+class KafkaView:
+    """What status reads from Kafka: positions of the deltas topic, and the evidence topic."""
+
+    watermarks: dict[int, int] = field(default_factory=dict)  # deltas topic high watermarks
+    stable: dict[int, int] = field(default_factory=dict)  # deltas topic last stable offsets
+    committed: dict[tuple[str, int], int] = field(default_factory=dict)  # (peer, shard) -> group offset
+    evidence: dict[int, list[Any]] = field(default_factory=dict)  # shard -> evidence objects (unverified)
+
+
 def kafka_positions(
-    bootstrap: str, topics: Topics, settings: ChainSettings, kafka_config: dict[str, str] | None = None
+    bootstrap: str, topics: Topics, settings: ChainSettings, kafka_config: dict[str, Any] | None = None
 ) -> tuple[dict[int, int], dict[tuple[str, int], int]]:
     """High watermarks of the deltas topic (from fetches) and each peer group's committed offsets."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    view = kafka_view(bootstrap, topics, settings, kafka_config, evidence=False)
+    return view.watermarks, view.committed
+
+
+def kafka_view(
+    bootstrap: str,
+    topics: Topics,
+    settings: ChainSettings,
+    kafka_config: dict[str, Any] | None = None,
+    evidence: bool = True,
+) -> KafkaView:
+    """High watermarks and last stable offsets of the deltas topic, each peer group's committed offsets, and
+    (with `evidence`) the records of the evidence topic."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     common = {"bootstrap.servers": bootstrap, **(kafka_config or {})}
     n = topics.deltas.partitions
-    committed: dict[tuple[str, int], int] = {}
+    view = KafkaView()
     for peer in settings.epoch_chain.newest.peers:
         c = Consumer({**common, "group.id": f"knhk.{settings.chain_id}.{peer.id}", "enable.auto.commit": False})
         try:
             tps = c.committed([TopicPartition(topics.deltas.name, p) for p in range(n)], timeout=10)
             for tp in tps:
                 if tp.offset >= 0:
-                    committed[(peer.id, tp.partition)] = tp.offset
+                    view.committed[(peer.id, tp.partition)] = tp.offset
         finally:
             c.close()
-    # Tansu's ListOffsets "latest" is wrong: take the high watermark a fetch returns.
-    c = Consumer({**common, "group.id": "knhk.status", "enable.auto.commit": False, "enable.partition.eof": True})
-    watermarks: dict[int, int] = {}
+    # Tansu's ListOffsets "latest" is wrong: take the high watermark a fetch returns. A read_committed
+    # consumer reaches the end of a partition at its last stable offset, which an open transaction holds back.
+    c = Consumer(
+        {
+            **common,
+            "group.id": "knhk.status",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+        }
+    )
     try:
         starts = {}
         for p in range(n):
-            known = [off for (pid, s), off in committed.items() if s == p]
+            known = [off for (_pid, s), off in view.committed.items() if s == p]
             starts[p] = max(0, max(known) - 1) if known else OFFSET_BEGINNING
         c.assign([TopicPartition(topics.deltas.name, p, starts[p]) for p in range(n)])
         deadline = time.monotonic() + 10
-        while len(watermarks) < n and time.monotonic() < deadline:
+        while len(view.stable) < n and time.monotonic() < deadline:
             for m in c.consume(500, timeout=0.2):
                 p = m.partition()
-                if p in watermarks:
+                err = m.error()
+                if p in view.stable or (err is not None and err.code() != KafkaError._PARTITION_EOF):
                     continue
                 _low, high = c.get_watermark_offsets(TopicPartition(topics.deltas.name, p), cached=True)
                 if high >= 0:
-                    watermarks[p] = high
+                    view.watermarks[p] = high
+                if err is not None:
+                    view.stable[p] = m.offset()
     finally:
         c.close()
-    return watermarks, committed
+    if evidence:
+        view.evidence = read_evidence(common, topics.evidence.name if topics.evidence else "", n)
+    return view
+
+
+def read_evidence(common: dict[str, Any], topic: str, partitions: int) -> dict[int, list[Any]]:
+    """Every record of the evidence topic as JSON (unverified), per partition; {} when there is no such topic."""
+    from confluent_kafka import Consumer
+
+    from knhk_stream.kafka.roots import end_offsets, read_upto
+
+    probe = Consumer({**common, "group.id": "knhk.status.evidence", "enable.auto.commit": False})
+    try:
+        known = probe.list_topics(timeout=10).topics
+    finally:
+        probe.close()
+    if not topic or topic not in known:
+        return {}
+    parts = sorted(known[topic].partitions)[: max(partitions, len(known[topic].partitions))]
+    out: dict[int, list[Any]] = {}
+    for m in read_upto(common, topic, end_offsets(common, topic, parts)):
+        try:
+            obj = json.loads(m.value() or b"")
+        except ValueError:
+            obj = None  # counted as invalid evidence
+        out.setdefault(m.partition(), []).append(obj)
+    return out
 
 
 def shard_status(
@@ -81,37 +171,104 @@ def shard_status(
     shard: int,
     watermarks: dict[int, int] | None = None,
     committed: dict[tuple[str, int], int] | None = None,
+    kafka: KafkaView | None = None,
 ) -> ShardStatus:
+    if kafka is not None:
+        watermarks, committed = kafka.watermarks, kafka.committed
     st = ShardStatus(shard)
-    head = store.head(shard)
+    try:
+        head = store.head(shard)
+    except ValueError as e:
+        head = None
+        st.alarms.append({"peer_id": None, "kind": "unreadable_head", "message": str(e), "at_ms": None})
     if head is not None:
         st.head_cycle = head.cycle
         st.entries = store.count(shard)
-        ce = store.get(shard, head.cycle)
+        try:
+            ce = store.get(shard, head.cycle)
+        except (ValueError, KeyError, TypeError):
+            ce = None
         if ce is not None:
             st.head_age_s = round(time.time() - ce.committed_at_ms / 1000, 1)
     st.stalled = get_stall(store, shard)
-    st.equivocations = get_evidence(store, shard)
+    _evidence(st, settings, get_evidence(store, shard) + list((kafka.evidence if kafka else {}).get(shard, [])))
     st.high_watermark = (watermarks or {}).get(shard)
+    if kafka is not None:
+        st.last_stable_offset = kafka.stable.get(shard)
+    reports = get_health(store, shard)
+    t = int(time.time() * 1000)
     for peer in settings.epoch_chain.newest.peers:
         pp = PeerProgress(peer.id)
-        cp = load_checkpoint(store, peer.id, shard)
-        if cp is not None and cp.cycle is not None:
+        try:
+            cp = load_checkpoint(store, peer.id, shard)
+        except ValueError:
+            cp, pp.state = None, "BAD CHECKPOINT"
+        keys = [e.public_keys[peer.id] for e in settings.epoch_chain.epochs if peer.id in e.public_keys]
+        if cp is not None and not checkpoint_verifies(settings.chain_id, peer.id, shard, cp, keys):
+            pp.state = "BAD CHECKPOINT"  # not signed by the peer: someone else wrote it
+        elif cp is not None and cp.cycle is not None:
             pp.voted_cycle = cp.cycle
             if head is None or cp.cycle > head.cycle:
                 pp.state = "ahead"
             else:
-                mine = store.get(shard, cp.cycle)
+                try:
+                    mine = store.get(shard, cp.cycle)
+                except (ValueError, KeyError, TypeError):
+                    mine = None
                 pp.state = "agrees" if mine is not None and mine.entry_hash == cp.entry_hash else "DISSENTS"
         off = (committed or {}).get((peer.id, shard))
         if off is not None and st.high_watermark is not None:
             pp.lag = max(0, st.high_watermark - off)
+        if off is not None and st.last_stable_offset is not None:
+            pp.lag_lso = max(0, st.last_stable_offset - off)
+        report = reports.get(peer.id)
+        if report is not None:
+            pp.report = report
+            at = report.get("at_ms") if isinstance(report.get("at_ms"), int) else 0
+            for a in report.get("alarms") or []:
+                if isinstance(a, dict) and isinstance(a.get("at_ms"), int) and t - a["at_ms"] < ALARM_SHOWN_MS:
+                    st.alarms.append({"peer_id": peer.id, "kind": str(a.get("kind")),
+                                      "message": str(a.get("message")), "at_ms": a["at_ms"]})  # fmt: skip
+            for kind in ("halted", "blocked"):
+                if (
+                    report.get(kind)
+                    and t - at < ALARM_SHOWN_MS
+                    and not any(x["peer_id"] == peer.id and x["message"] == str(report[kind]) for x in st.alarms)
+                ):
+                    st.alarms.append({"peer_id": peer.id, "kind": kind, "message": str(report[kind]), "at_ms": at})
         st.peers.append(pp)
+    if (
+        st.high_watermark is not None
+        and st.last_stable_offset is not None
+        and (st.last_stable_offset < st.high_watermark)
+    ):
+        waiting = [pp.peer_id for pp in st.peers if pp.lag_lso == 0 and pp.lag]
+        st.waits_on_lso = (
+            f"an open transaction on the deltas topic holds the last stable offset at {st.last_stable_offset} "
+            f"(high watermark {st.high_watermark}): read_committed peers cannot read past it"
+            + (f" ({', '.join(waiting)} have read everything up to it)" if waiting else "")
+            + ". The peers are not slow: find the producer whose transaction is open (kafka-transactions.sh "
+            "list / describe) and let it commit or abort, or wait for transaction.max.timeout.ms"
+        )
     return st
+
+
+def _evidence(st: ShardStatus, settings: ChainSettings, found: list[Any]) -> None:
+    """Keep the evidence that verifies (once each), count the rest."""
+    seen: set[str] = set()
+    for obj in found:
+        if evidence_problem(settings, obj) is not None or obj.get("shard") != st.shard:
+            st.invalid_evidence += 1
+            continue
+        key = evidence_key(obj)
+        if key not in seen:
+            seen.add(key)
+            st.equivocations.append(obj)
 
 
 def render(statuses: list[ShardStatus]) -> str:
     lines = []
+    now = int(time.time() * 1000)
     for st in statuses:
         head = "no commits yet" if st.head_cycle is None else f"head cycle {st.head_cycle} ({st.entries} entries"
         if st.head_age_s is not None:
@@ -119,14 +276,31 @@ def render(statuses: list[ShardStatus]) -> str:
         elif st.head_cycle is not None:
             head += ")"
         hw = "" if st.high_watermark is None else f", high watermark {st.high_watermark}"
+        if st.last_stable_offset is not None and st.last_stable_offset != st.high_watermark:
+            hw += f", last stable offset {st.last_stable_offset}"
         lines.append(f"shard {st.shard}: {head}{hw}")
         if st.stalled:
             lines.append(f"  !! STALLED at cycle {st.stalled.get('cycle')}: {st.stalled.get('reason')}")
+        if st.waits_on_lso:
+            lines.append(f"  !! WAITS ON THE LAST STABLE OFFSET: {st.waits_on_lso}")
         for ev in st.equivocations:
-            lines.append(f"  !! EQUIVOCATION by {ev['peer_id']} at cycle {ev['cycle']} (evidence kept in Redis)")
+            lines.append(f"  !! EQUIVOCATION by {ev['peer_id']} at cycle {ev['cycle']} (both signatures verify)")
+        if st.invalid_evidence:
+            lines.append(f"  {st.invalid_evidence} evidence record(s) that do not verify were ignored")
+        for a in st.alarms:
+            age = "" if not isinstance(a.get("at_ms"), int) else f" ({(now - a['at_ms']) / 1000:.0f}s ago)"
+            who = f"{a['peer_id']}: " if a.get("peer_id") else ""
+            lines.append(f"  !! {who}{str(a['kind']).upper()}{age}: {a['message']}")
         for pp in st.peers:
             lag = "" if pp.lag is None else f", lag {pp.lag}"
+            if pp.lag_lso is not None and pp.lag_lso != pp.lag:
+                lag += f" ({pp.lag_lso} from the last stable offset)"
             voted = "-" if pp.voted_cycle is None else str(pp.voted_cycle)
             flag = "  <-- dissent" if pp.state == "DISSENTS" else ""
-            lines.append(f"  {pp.peer_id:<16} voted {voted:>12}  {pp.state}{lag}{flag}")
+            if pp.state == "BAD CHECKPOINT":
+                flag = "  <-- its checkpoint in Redis is not signed by it (the peer ignores it)"
+            stale = ""
+            if pp.report and isinstance(pp.report.get("at_ms"), int) and now - pp.report["at_ms"] > REPORT_STALE_MS:
+                stale = f"  (last report {(now - pp.report['at_ms']) / 1000:.0f}s ago)"
+            lines.append(f"  {pp.peer_id:<16} voted {voted:>12}  {pp.state}{lag}{flag}{stale}")
     return "\n".join(lines)

@@ -55,6 +55,7 @@ class Telemetry:
         self.lag = meter.create_gauge("knhk.consumer.lag", description="records behind the high watermark")
         self.stalls = meter.create_counter("knhk.shard.stalls", description="shards that stopped committing")
         self.equivocations = meter.create_counter("knhk.quorum.equivocations", description="peers seen equivocating")
+        self.alarms = meter.create_counter("knhk.peer.alarms", description="halts, head regressions, forged state")
 
     def deltas_processed(self, n: int, rejected_by_code: dict[str, int]) -> None:
         if self.enabled:
@@ -86,6 +87,10 @@ class Telemetry:
     def equivocation(self, shard: int, peer_id: str) -> None:
         if self.enabled:
             self.equivocations.add(1, {"shard": shard, "peer": peer_id})
+
+    def alarm(self, shard: int, kind: str) -> None:
+        if self.enabled:
+            self.alarms.add(1, {"shard": shard, "kind": kind})
 
     def shutdown(self) -> None:
         for p in self._providers:

@@ -35,7 +35,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.runtime.node import Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
+from knhk_stream.runtime.node import NodeLimits, Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
 from knhk_stream.runtime.telemetry import Telemetry
 
 __all__ = ["Stopped", "Worker", "WorkerOptions", "from_message", "now_ms", "records"]
@@ -96,6 +96,7 @@ class WorkerOptions:
     # At start: how long to wait for Redis and Kafka to answer before giving up (the group is joined only
     # after both did, so a worker waiting here takes no shard from anyone); 0: give up at the first failure.
     start_timeout_s: float = 30.0
+    limits: NodeLimits = field(default_factory=NodeLimits)  # open-beat bounds, republishing, head checks
     report_interval_s: float = 30.0  # while Kafka is unreachable: one line per interval
 
 
@@ -130,7 +131,9 @@ class Worker:
         deadline = time.monotonic() + options.start_timeout_s
 
         def connect() -> None:
-            node = PeerNode.connect(settings, peer_id, key, options.redis_url, options.prefix, self.telemetry)
+            node = PeerNode.connect(
+                settings, peer_id, key, options.redis_url, options.prefix, self.telemetry, options.limits
+            )
             node.store.client.ping()
             self.node = node
 

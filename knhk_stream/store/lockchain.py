@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,9 +21,17 @@ from redis.cluster import RedisCluster
 
 from knhk_stream.errors import ForkError, LockchainError, NotNextError
 from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
-from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key
-from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS
-from knhk_stream.protocol.quorum import QuorumCheck, backdated_problem, check_quorum
+from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key, str16, u32, u64
+from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS, Entry
+from knhk_stream.protocol.keys import verify_signature
+from knhk_stream.protocol.quorum import (
+    Equivocation,
+    QuorumCheck,
+    Vote,
+    backdated_problem,
+    check_quorum,
+    verify_vote,
+)
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.connect import Durability, ReplicasLagging, connect, wait_for_replicas
 from knhk_stream.store.keys import (
@@ -50,15 +59,26 @@ __all__ = [
     "as_text",
     "chain_key",
     "check_entry",
+    "checkpoint_message",
+    "checkpoint_verifies",
+    "committed_problem",
+    "evidence_key",
+    "evidence_of",
+    "evidence_problem",
     "get_evidence",
+    "get_health",
     "get_published",
     "get_stall",
     "load_checkpoint",
     "peer_ids_with_checkpoints",
+    "read_head_entry",
+    "read_verified",
     "root_key",
     "save_checkpoint",
+    "set_health",
     "set_published",
     "set_stall",
+    "stored_checkpoint_signature",
     "verify_range",
 ]
 
@@ -182,10 +202,19 @@ class LockchainStore:
     # -- reading ------------------------------------------------------------------------
 
     def head(self, shard: int) -> Head | None:
+        """The head; ValueError when it is there but cannot be read."""
         cycle, h = self.client.hmget(self.keys(shard).head, "cycle", "entry_hash")
         if h is None:
             return None
-        return Head(int(cycle), bytes.fromhex(as_text(h)))
+        if cycle is None:
+            raise ValueError(f"the head of shard {shard} names entry {as_text(h)!r} but no cycle")
+        text = as_text(cycle)
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError(f"the head's cycle {text!r} is not a number")
+        entry_hash = bytes.fromhex(as_text(h))
+        if len(entry_hash) != 32:
+            raise ValueError(f"the head's entry_hash has {len(entry_hash)} bytes, not 32")
+        return Head(int(text), entry_hash)
 
     def raw(self, shard: int, cycle: int) -> dict[str, str]:
         """The stored hash of one cycle as text (empty when absent)."""
@@ -507,27 +536,86 @@ def verify_range(
 
 # -- peer progress and flags (what `status` reads) ------------------------------------------
 
+CHECKPOINT_DOMAIN = b"knhk-checkpoint/1"
+
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A peer's progress on a shard, written after its vote is on the votes topic."""
+    """A peer's progress on a shard, written after its vote is on the votes topic, signed by the peer.
+
+    A peer trusts its checkpoint only when `signature` verifies under its own key
+    (protocol "Where a shard starts, commits and resumes"): anyone can write Redis.
+    """
 
     next_offset: int
     entry_hash: bytes
     cycle: int | None
     votes_offset: int
     updated_ms: int
+    signature: bytes = b""
 
 
-def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpoint) -> None:
-    """Only moves forward: a stale writer (e.g. a revoked worker) cannot move it back."""
-    store.client.eval(
-        """
-        local cur = redis.call('HGET', KEYS[1], 'next_offset')
-        if cur and tonumber(cur) > tonumber(ARGV[2]) then return 0 end
-        redis.call('HSET', KEYS[1], unpack(ARGV, 1))
-        return 1
-        """,
+def checkpoint_message(chain_id: str, peer_id: str, shard: int, cp: Checkpoint) -> bytes:
+    """What a checkpoint's signature covers: a domain, then every field (fixed-width integers).
+
+    `"knhk-checkpoint/1" || str chain_id || str peer_id || u32 shard || u64 next_offset
+    || [32] entry_hash || u8 has_cycle || u64 cycle (0 without) || u64 votes_offset || u64 updated_ms`
+    """
+    for name in ("next_offset", "votes_offset", "updated_ms"):
+        if not 0 <= getattr(cp, name) < 2**64:
+            raise ValueError(f"checkpoint {name} {getattr(cp, name)} is out of range (u64)")
+    if cp.cycle is not None and not 0 <= cp.cycle < 2**64:
+        raise ValueError(f"checkpoint cycle {cp.cycle} is out of range (u64)")
+    if len(cp.entry_hash) != 32:
+        raise ValueError(f"checkpoint entry_hash has {len(cp.entry_hash)} bytes, not 32")
+    return b"".join(
+        (
+            CHECKPOINT_DOMAIN,
+            str16(chain_id),
+            str16(peer_id),
+            u32(shard),
+            u64(cp.next_offset),
+            cp.entry_hash,
+            b"\x01" if cp.cycle is not None else b"\x00",
+            u64(cp.cycle or 0),
+            u64(cp.votes_offset),
+            u64(cp.updated_ms),
+        )
+    )
+
+
+def checkpoint_verifies(chain_id: str, peer_id: str, shard: int, cp: Checkpoint, public_keys: Iterable[bytes]) -> bool:
+    """Whether the checkpoint's signature verifies under one of `public_keys` (never raises)."""
+    try:
+        message = checkpoint_message(chain_id, peer_id, shard, cp)
+    except (ValueError, UnicodeError, struct.error):
+        return False
+    return any(verify_signature(pub, message, cp.signature) for pub in public_keys)
+
+
+_SAVE_CHECKPOINT = """
+local cur = redis.call('HMGET', KEYS[1], 'next_offset', 'signature')
+local n = tonumber(cur[1])
+if n and n > tonumber(ARGV[2]) and (cur[2] or '') ~= ARGV[#ARGV] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 1, #ARGV - 1))
+return 1
+"""
+
+
+def save_checkpoint(
+    store: LockchainStore, peer_id: str, shard: int, cp: Checkpoint, replace: str | None = None
+) -> bool:
+    """Write a checkpoint; True when written.
+
+    It only moves forward, so a stale writer (a revoked worker of the same peer)
+    cannot move it back: False means a checkpoint further on is stored. `replace`
+    is the stored `signature` text of a checkpoint the caller found not to verify
+    (forged or damaged): that one is overwritten wherever it points.
+    """
+    keep_unless = "\x00never" if replace is None else replace  # no stored signature is this text
+    result = store.client.eval(
+        _SAVE_CHECKPOINT,
         1,
         store.keys(shard).checkpoint(peer_id),
         "next_offset",
@@ -540,20 +628,39 @@ def save_checkpoint(store: LockchainStore, peer_id: str, shard: int, cp: Checkpo
         str(cp.votes_offset),
         "updated_ms",
         str(cp.updated_ms),
+        "signature",
+        cp.signature.hex(),
+        keep_unless,
     )
+    return int(result) == 1
+
+
+def stored_checkpoint_signature(store: LockchainStore, peer_id: str, shard: int) -> str | None:
+    """The `signature` field of the stored checkpoint as text ("" when it has none), None without one."""
+    key = store.keys(shard).checkpoint(peer_id)
+    if not store.client.exists(key):
+        return None
+    v = store.client.hget(key, "signature")
+    return "" if v is None else as_text(v)
 
 
 def load_checkpoint(store: LockchainStore, peer_id: str, shard: int) -> Checkpoint | None:
+    """The stored checkpoint, unverified (see `checkpoint_verifies`); ValueError when it cannot be read."""
     got = _texts(store.client.hgetall(store.keys(shard).checkpoint(peer_id)))
     if not got:
         return None
-    return Checkpoint(
-        int(got["next_offset"]),
-        bytes.fromhex(got["entry_hash"]),
-        int(got["cycle"]) if got["cycle"] else None,
-        int(got.get("votes_offset", "0")),
-        int(got.get("updated_ms", "0")),
-    )
+    try:
+        cycle = got.get("cycle", "")
+        return Checkpoint(
+            int(got["next_offset"]),
+            bytes.fromhex(got["entry_hash"]),
+            int(cycle) if cycle else None,
+            int(got.get("votes_offset", "0")),
+            int(got.get("updated_ms", "0")),
+            bytes.fromhex(got.get("signature", "")),
+        )
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"the checkpoint of peer {peer_id!r} for shard {shard} cannot be read: {e!r}") from None
 
 
 def set_stall(store: LockchainStore, shard: int, cycle: int | None, reason: str = "", at_ms: int = 0) -> None:
@@ -569,13 +676,97 @@ def get_stall(store: LockchainStore, shard: int) -> dict[str, str] | None:
 
 
 def add_evidence(store: LockchainStore, shard: int, evidence: dict[str, Any]) -> None:
-    """Equivocation evidence (both signed votes), kept once per peer and cycle."""
-    field_name = f"{evidence['peer_id']}/{evidence['cycle']}"
-    store.client.hsetnx(store.keys(shard).evidence, field_name, json.dumps(evidence))
+    """Equivocation evidence (both signed votes), kept once per peer and pair of votes.
+
+    Redis is a convenience copy: whoever can write Redis can delete it. The
+    append-only copy is the evidence topic (`evidence_out` in runtime/node.py).
+    """
+    field_name = evidence_key(evidence)
+    store.client.hsetnx(store.keys(shard).evidence, field_name, json.dumps(evidence, separators=(",", ":")))
 
 
 def get_evidence(store: LockchainStore, shard: int) -> list[dict[str, Any]]:
-    return [json.loads(v) for v in store.client.hgetall(store.keys(shard).evidence).values()]
+    """The evidence objects kept in Redis, unverified (see `evidence_problem`); unreadable ones are skipped."""
+    out = []
+    for v in store.client.hgetall(store.keys(shard).evidence).values():
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def evidence_of(ev: Equivocation, reported_by: str, at_ms: int) -> dict[str, Any]:
+    """An equivocation as a JSON object: both signed votes, so that anyone can check it."""
+
+    def vote(v: Vote) -> dict[str, Any]:
+        return {**v.entry.to_fields(), "entry_hash": v.entry_hash.hex(), "epoch": v.epoch,
+                "signature": v.signature.hex()}  # fmt: skip
+
+    return {
+        "kind": "equivocation",
+        "chain_id": ev.first.entry.chain_id,
+        "peer_id": ev.peer_id,
+        "shard": ev.shard,
+        "cycle": ev.cycle,
+        "epoch": ev.epoch,
+        "prev_entry_hash": ev.prev_entry_hash.hex(),
+        "first": vote(ev.first),
+        "second": vote(ev.second),
+        "reported_by": reported_by,
+        "reported_at_ms": at_ms,
+    }
+
+
+def evidence_key(evidence: dict[str, Any]) -> str:
+    """One name per peer and pair of votes (the same evidence from several reporters is one)."""
+    pair = sorted(str(evidence.get(k, {}).get("entry_hash", "")) for k in ("first", "second") if isinstance(
+        evidence.get(k), dict))  # fmt: skip
+    return f"{evidence.get('peer_id')}/{evidence.get('cycle')}/{'/'.join(h[:16] for h in pair)}"
+
+
+def evidence_problem(settings: ChainSettings, evidence: Any) -> str | None:
+    """None when `evidence` proves that its peer signed two successors of one entry in one epoch.
+
+    Both votes must verify under that peer's key of the epoch of their cycles, for
+    the same shard, prev_entry_hash and epoch, and different entry hashes (protocol
+    "Votes and quorum"). Anything else (forged, garbled, framing an honest peer)
+    is not evidence. Never raises.
+    """
+    try:
+        if not isinstance(evidence, dict):
+            return "not a JSON object"
+        peer_id = evidence["peer_id"]
+        votes = []
+        for name in ("first", "second"):
+            v = evidence[name]
+            entry = Entry.from_fields(v)
+            if entry.chain_id != settings.chain_id:
+                return f"{name} vote is for chain {entry.chain_id!r}, not {settings.chain_id!r}"
+            if bytes.fromhex(v["entry_hash"]) != entry.entry_hash:
+                return f"{name} vote's entry_hash does not match its fields"
+            votes.append((entry, bytes.fromhex(v["signature"])))
+        (e1, _), (e2, _) = votes
+        if (e1.shard, e1.prev_entry_hash) != (e2.shard, e2.prev_entry_hash):
+            return "the two votes are not for successors of one entry of one shard"
+        if e1.entry_hash == e2.entry_hash:
+            return "the two votes are for the same entry"
+        epochs = [settings.epoch_for(e.cycle) for e in (e1, e2)]
+        if epochs[0].number != epochs[1].number:
+            return "the two votes are in different epochs (a vote in another epoch is not equivocation)"
+        pub = epochs[0].public_keys.get(peer_id)
+        if pub is None:
+            return f"{peer_id!r} is not a peer of epoch {epochs[0].number}"
+        for (e, s), name in zip(votes, ("first", "second"), strict=True):
+            if not verify_vote(pub, epochs[0].epoch_hash, e.entry_hash, s):
+                return f"the {name} vote's signature does not verify under {peer_id!r}'s key"
+        if evidence.get("shard") != e1.shard:
+            return f"shard {evidence.get('shard')!r} is not the votes' shard {e1.shard}"
+    except (KeyError, TypeError, ValueError, AttributeError, UnicodeError, struct.error) as e:
+        return f"cannot be read: {type(e).__name__}: {str(e)[:200]}"
+    return None
 
 
 def peer_ids_with_checkpoints(store: LockchainStore, shard: int) -> list[str]:
@@ -584,9 +775,115 @@ def peer_ids_with_checkpoints(store: LockchainStore, shard: int) -> list[str]:
 
 
 def get_published(store: LockchainStore, shard: int) -> int | None:
+    """The published mark; None without one, or when it is not a cycle (then every root is republished)."""
     v = store.client.get(store.keys(shard).published)
-    return int(v) if v is not None else None
+    if v is None:
+        return None
+    try:
+        return int(as_text(v))
+    except ValueError:
+        return None
 
 
 def set_published(store: LockchainStore, shard: int, cycle: int) -> None:
     store.client.set(store.keys(shard).published, str(cycle))
+
+
+# -- what a running peer reports about itself (status) ------------------------------------
+
+
+def set_health(store: LockchainStore, shard: int, peer_id: str, health: dict[str, Any]) -> None:
+    """A peer's report on a shard it holds: halts, alarms, counts (informational: anyone can write it)."""
+    store.client.hset(store.keys(shard).health, peer_id, json.dumps(health, separators=(",", ":")))
+
+
+def get_health(store: LockchainStore, shard: int) -> dict[str, dict[str, Any]]:
+    """Each peer's report on the shard; unreadable ones are skipped."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in store.client.hgetall(store.keys(shard).health).items():
+        try:
+            obj = json.loads(v)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out[as_text(k)] = obj
+    return out
+
+
+# -- a committed entry read back from anywhere (Redis, the roots topic) ---------------------
+
+
+def committed_problem(settings: ChainSettings, ce: CommittedEntry, shard: int | None = None) -> str | None:
+    """None when a committed entry stands on its own: fields in range, hash, epoch, quorum. Never raises.
+
+    This is what a peer checks before it trusts an entry read back from Redis or the
+    roots topic (protocol: "A peer trusts nothing it reads back from shared storage
+    unless it can check it"). The link to the entry before it is the caller's check.
+    """
+    try:
+        e = ce.entry
+        if e.chain_id != settings.chain_id:
+            return f"chain_id is {e.chain_id!r}, not {settings.chain_id!r}"
+        if shard is not None and e.shard != shard:
+            return f"shard is {e.shard}, not {shard}"
+        for name in ("cycle", "receipt_count", "first_offset", "last_offset"):
+            if not 0 <= getattr(e, name) < 2**64:
+                return f"{name} {getattr(e, name)} is out of range (u64)"
+        if not 0 <= e.shard < 2**32:
+            return f"shard {e.shard} is out of range (u32)"
+        if e.entry_hash != ce.entry_hash:
+            return f"the fields hash to {e.entry_hash.hex()}, not to the stated entry_hash {ce.entry_hash.hex()}"
+        epoch = settings.epoch_for(e.cycle)
+        if ce.epoch != epoch.number:
+            return f"epoch is {ce.epoch}, but cycle {e.cycle} is in epoch {epoch.number}"
+        q = check_quorum(ce.entry_hash, ce.votes, epoch)
+        if not q.valid:
+            return "no valid quorum proof: " + "; ".join(q.problems)
+    except (ValueError, TypeError, AttributeError, UnicodeError, struct.error) as err:
+        return f"cannot be checked: {type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
+def read_head_entry(
+    store: LockchainStore, settings: ChainSettings, shard: int
+) -> tuple[CommittedEntry | None, str | None]:
+    """The committed head of a shard, verified: (entry, None), (None, None) without a head, or (None, why not).
+
+    Redis errors (outages) propagate; hostile content never raises.
+    """
+    try:
+        head = store.head(shard)
+    except ValueError as e:
+        return None, f"the head of shard {shard} cannot be read: {e}"
+    if head is None:
+        return None, None
+    try:
+        ce = store.get(shard, head.cycle)
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"the head's entry (cycle {head.cycle}) cannot be read: {e!r}"
+    if ce is None:
+        return None, f"the head names cycle {head.cycle}, which has no stored entry"
+    if ce.entry_hash != head.entry_hash or ce.entry.cycle != head.cycle:
+        return None, (
+            f"the head names entry {head.entry_hash.hex()} at cycle {head.cycle}, but the entry stored there differs"
+        )
+    problem = committed_problem(settings, ce, shard)
+    if problem is not None:
+        return None, f"the head's entry (cycle {head.cycle}) does not verify: {problem}"
+    return ce, None
+
+
+def read_verified(
+    store: LockchainStore, settings: ChainSettings, shard: int, cycle: int
+) -> tuple[CommittedEntry | None, str | None]:
+    """The stored entry of one cycle, verified (as `read_head_entry`)."""
+    try:
+        ce = store.get(shard, cycle)
+    except (ValueError, KeyError, TypeError) as e:
+        return None, f"the entry of cycle {cycle} cannot be read: {e!r}"
+    if ce is None:
+        return None, None
+    if ce.entry.cycle != cycle:
+        return None, f"the entry stored at cycle {cycle} says cycle {ce.entry.cycle}"
+    problem = committed_problem(settings, ce, shard)
+    return (None, f"the entry of cycle {cycle} does not verify: {problem}") if problem else (ce, None)
