@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import shutil
 import tempfile
@@ -53,7 +54,7 @@ class Config:
     faults: tuple[str, ...] = KINDS
     rate: int = 400  # deltas per second
     fault_interval: float = 8.0  # mean seconds between two fault starts
-    out: Path = field(default_factory=lambda: ROOT / "bench" / "results")
+    out: Path = field(default_factory=lambda: Path(os.environ.get("KNHK_CHAOS_ROOT", ROOT)) / "bench" / "results")
     name: str = "chaos-latest"
     keep: bool = False
     audit: bool = True
@@ -308,8 +309,8 @@ def run(cfg: Config) -> Outcome:
     if unknown:
         raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
     c = Campaign(cfg)
-    c.setup()
     try:
+        c.setup()
         c.run_faults()
         c.drain()
         c.stop_all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -61,6 +62,11 @@ def parse_args(argv: Iterable[str] | None = None) -> Config:
 
 def main(argv: Iterable[str] | None = None) -> int:
     cfg = parse_args(argv)
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # clean up the processes and the broker on SIGTERM too
     outcome = run(cfg)
     for f in outcome.files:
         print(f"wrote {f}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from pathlib import Path
@@ -21,6 +22,17 @@ AFTER_MS = 30_000  # "in the 30 s after each kind of fault"
 
 def _pcts(xs: list[float]) -> dict[str, float | int | None]:
     return {"n": len(xs), "p50": percentile(xs, 50), "p99": percentile(xs, 99), "max": max(xs) if xs else None}
+
+
+def _code_meta() -> dict[str, Any]:
+    """The commit of the code under test (the campaign's frozen copy says where it came from)."""
+    if os.environ.get("KNHK_CHAOS_COMMIT"):
+        return {
+            "commit": os.environ["KNHK_CHAOS_COMMIT"],
+            "dirty": bool(os.environ.get("KNHK_CHAOS_DIRTY")),
+            "code": "a copy of the checkout's knhk_stream/ and bench/ taken at the start",
+        }
+    return {**git_meta(), "code": "the checkout itself"}
 
 
 def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
@@ -63,7 +75,7 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
         "meta": {
             **git_meta(),
             "python": platform.python_version(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
             "load_avg_end": load_avg(),
             "workdir": str(c.workdir),
         },
@@ -128,14 +140,15 @@ def _f(v: float | None, unit: str = "") -> str:
 
 
 def markdown(figs: dict[str, Any], violations: list[dict[str, Any]]) -> str:
-    cfg, d, lat = figs["config"], figs["deltas"], figs["latency_ms"]
+    cfg, d, lat, meta = figs["config"], figs["deltas"], figs["latency_ms"], figs["meta"]
+    code = f"commit {meta.get('commit', '?')}{' with local changes' if meta.get('dirty') else ''} ({meta.get('code')})"
     lines = [
         "# Chaos campaign",
         "",
         f"{cfg['minutes']} minutes of faults, seed {cfg['seed']}, {cfg['rate']} deltas/s, a fault every "
         f"~{cfg['fault_interval_s']:g} s; {len(cfg['peers'])} peers (threshold {cfg['threshold']}), workers "
         f"{', '.join(f'{w} ({p})' for w, p in cfg['workers'].items())}; Tansu, redis-server with AOF "
-        f"(appendfsync always). Commit {figs['meta'].get('commit', '?')}, {figs['meta']['cpus']} CPUs, load "
+        f"(appendfsync always). Code: {code}; {meta['cpus']} CPUs, load "
         f"average at the end {figs['meta']['load_avg_end']}.",
         "",
         f"**Violations: {len(violations)}.** Deltas produced {d['produced']:,} ({d['steady']:,} steady, {d['bad']:,} "
