@@ -68,6 +68,23 @@ DEV_PORT = 9092  # `dev`'s broker port when it is free: the default of every com
 )
 @click.option("--no-markers", is_flag=True, help="Do not write tick markers into idle shards.")
 @click.option(
+    "--max-open-beat-deltas",
+    type=click.IntRange(min=1),
+    default=500_000,
+    show_default=True,
+    envvar="KNHK_MAX_OPEN_BEAT_DELTAS",
+    help="A shard whose open beat holds more deltas stops reading, loudly (a record stamped far in the future "
+    "keeps its beat open for ever) instead of exhausting memory (env KNHK_MAX_OPEN_BEAT_DELTAS).",
+)
+@click.option(
+    "--max-open-beat-bytes",
+    type=click.IntRange(min=1),
+    default=256 * 2**20,
+    show_default=True,
+    envvar="KNHK_MAX_OPEN_BEAT_BYTES",
+    help="The same bound on the bytes of the open beat's record values (env KNHK_MAX_OPEN_BEAT_BYTES).",
+)
+@click.option(
     "--start-timeout",
     type=click.FloatRange(min=0),
     default=30,
@@ -119,6 +136,8 @@ def worker(
     allow_producer_timestamps,
     otel,
     log_level,
+    max_open_beat_deltas,
+    max_open_beat_bytes,
 ) -> None:
     """Run one worker process of one peer (several with one peer id split the shards).
 
@@ -128,6 +147,7 @@ def worker(
     while Kafka or Redis is unreachable).
     """
     from knhk_stream.protocol.quorum import load_private_key
+    from knhk_stream.runtime.node import NodeLimits
     from knhk_stream.runtime.telemetry import Telemetry
     from knhk_stream.runtime.worker import Stopped, Worker, WorkerOptions
 
@@ -162,6 +182,7 @@ def worker(
             markers=not no_markers,
             allow_producer_timestamps=allow_producer_timestamps,
             start_timeout_s=start_timeout,
+            limits=NodeLimits(max_open_beat_deltas=max_open_beat_deltas, max_open_beat_bytes=max_open_beat_bytes),
         )
         try:
             held.append(Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel)))

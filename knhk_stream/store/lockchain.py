@@ -14,14 +14,15 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
 
-from knhk_stream.errors import ForkError, LockchainError, NotNextError
+from knhk_stream.errors import ForkError, KnhkError, LockchainError, NotNextError
 from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
-from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key, str16, u32, u64
+from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key, parse_hash, str16, u32, u64
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS, Entry
 from knhk_stream.protocol.keys import verify_signature
 from knhk_stream.protocol.quorum import (
@@ -53,6 +54,8 @@ __all__ = [
     "LockchainError",
     "LockchainStore",
     "NotNextError",
+    "Pin",
+    "PinFileError",
     "Problem",
     "VerifyReport",
     "add_evidence",
@@ -70,11 +73,14 @@ __all__ = [
     "get_published",
     "get_stall",
     "load_checkpoint",
+    "load_pins",
     "peer_ids_with_checkpoints",
+    "pin_problems",
     "read_head_entry",
     "read_verified",
     "root_key",
     "save_checkpoint",
+    "save_pins",
     "set_health",
     "set_published",
     "set_stall",
@@ -887,3 +893,89 @@ def read_verified(
         return None, f"the entry stored at cycle {cycle} says cycle {ce.entry.cycle}"
     problem = committed_problem(settings, ce, shard)
     return (None, f"the entry of cycle {cycle} does not verify: {problem}") if problem else (ce, None)
+
+
+# -- pinned heads (a monitor's memory of what it verified) --------------------------------
+
+PIN_FORMAT = "knhk-pins/1"
+
+
+class PinFileError(KnhkError, ValueError):
+    """A pin file that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The newest head verified on a shard: a later chain must still contain it."""
+
+    cycle: int
+    entry_hash: bytes
+
+
+def load_pins(path: Path, chain_id: str, prefix: str) -> dict[int, Pin]:
+    """The pins in `path` ({} when it does not exist yet); PinFileError when it cannot be used."""
+    if not path.exists():
+        return {}
+    advice = (
+        f"fix or move away {path} (the next `chain verify --pin` then pins what it verifies); a pin file is "
+        "written by `chain verify --pin` only"
+    )
+    try:
+        data = json.loads(path.read_text("utf-8"))
+        if not isinstance(data, dict) or data.get("format") != PIN_FORMAT:
+            raise ValueError(f"not a {PIN_FORMAT} file")
+        if data.get("chain_id") != chain_id or data.get("prefix") != prefix:
+            raise PinFileError(
+                f"the pin file {path} is for chain {data.get('chain_id')!r} under prefix {data.get('prefix')!r}, "
+                f"not chain {chain_id!r} under prefix {prefix!r}: use one pin file per chain and prefix"
+            )
+        pins: dict[int, Pin] = {}
+        for shard, pin in data["shards"].items():
+            cycle, entry_hash = pin["cycle"], parse_hash(pin["entry_hash"], f"shard {shard} entry_hash")
+            if type(cycle) is not int or cycle < 0 or not shard.isdigit():
+                raise ValueError(f"shard {shard!r}: cycle {cycle!r} is not a cycle")
+            pins[int(shard)] = Pin(cycle, entry_hash)
+        return pins
+    except PinFileError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PinFileError(f"the pin file {path} cannot be read ({type(e).__name__}: {e}): {advice}") from None
+
+
+def save_pins(path: Path, chain_id: str, prefix: str, pins: dict[int, Pin]) -> None:
+    """Write the pins atomically (a new file beside it, then renamed over it)."""
+    data = {
+        "format": PIN_FORMAT,
+        "chain_id": chain_id,
+        "prefix": prefix,
+        "shards": {str(s): {"cycle": p.cycle, "entry_hash": p.entry_hash.hex()} for s, p in sorted(pins.items())},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", "utf-8")
+    os.replace(tmp, path)
+
+
+def pin_problems(store: LockchainStore, shard: int, pin: Pin) -> list[Problem]:
+    """Findings when the chain no longer contains the pinned head (it was cut short, or replaced)."""
+    try:
+        stored = store.entry_hashes(shard, [pin.cycle]).get(pin.cycle)
+    except ValueError:
+        stored = None
+    if stored == pin.entry_hash:
+        return []
+    try:
+        head = store.head(shard)
+    except ValueError:
+        head = None
+    where = "it has no chain" if head is None else f"its head is cycle {head.cycle}"
+    if stored is None:
+        what = (
+            f"the chain no longer contains the pinned head of shard {shard}, cycle {pin.cycle} (entry "
+            f"{pin.entry_hash.hex()}), verified before; {where}: entries were deleted (truncation)"
+        )
+    else:
+        what = (
+            f"shard {shard} cycle {pin.cycle} now holds entry {stored.hex()}, not the pinned {pin.entry_hash.hex()} "
+            f"verified before ({where}): the chain was replaced"
+        )
+    return [Problem(pin.cycle, ("head",), what)]
