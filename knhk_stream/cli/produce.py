@@ -71,11 +71,10 @@ def topics_apply(
     declared = resolve_topics(declarations, topic_prefix)
     if partitions is not None:
         declared = declared.with_partitions(partitions)
-    config, _log = client_config(kafka_config)
+    config, log = client_config(kafka_config)
+    require_kafka(bootstrap, config, log)  # an unreachable broker: one line after KNHK_KAFKA_TIMEOUT
     try:
-        results = apply_topics(
-            bootstrap, declared, config, check_only, fix_config, strict=False, timeout=kafka_timeout()
-        )
+        results = apply_topics(bootstrap, declared, config, check_only, fix_config, strict=False, timeout=10.0)
     except (TopicsError, TimeoutError) as e:
         raise click.ClickException(str(e)) from None
     ok = all(r.ok for r in results)
