@@ -6,6 +6,7 @@ The whole path with committed beats (prove --id, verify-proof) runs in test_read
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -75,3 +76,41 @@ def test_produce_from_stdin_stops_at_the_bad_line_and_as_is_sends_it(broker, top
     assert as_is.rc == 0, as_is.err
     values = read_values(broker.bootstrap, f"{prefix}.deltas")  # the good line (Avro), then the bad one as it is
     assert len(values) == 2 and b'{"addtions": []}' in values
+
+
+def test_produce_report_says_where_each_delta_went(broker, topics, tmp_path: Path):
+    prefix, kafka = topics
+    lines = [GOOD.replace("o-1", f"o-{i}").replace("order:1", f"order:{i}") for i in range(1, 6)]
+    path = tmp_path / "deltas.jsonl"
+    path.write_text("\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n", "utf-8")
+    ran = knhk("produce", str(path), *kafka, "--report", "-", "-q")
+    assert ran.rc == 0, ran.err
+    assert ran.err.startswith("sent 5 deltas")  # the summary moves to stderr: stdout is the report
+    rows = [json.loads(line) for line in ran.out.splitlines()]
+    assert sorted(r["line"] for r in rows) == [1, 2, 4, 5, 6]  # file line numbers, blank lines counted
+    assert sorted(r["id"] for r in rows) == [f"o-{i}" for i in range(1, 6)]
+    assert all(r["topic"] == f"{prefix}.deltas" and r["partition"] in range(4) and r["offset"] >= 0 for r in rows)
+    assert len({(r["partition"], r["offset"]) for r in rows}) == 5
+    report = tmp_path / "sent.jsonl"
+    again = knhk("produce", "--synthetic", "3", *kafka, "--report", str(report), "--partition", "2", "-q")
+    assert again.rc == 0 and again.out.startswith("sent 3 deltas")
+    assert [json.loads(x)["partition"] for x in report.read_text().splitlines()] == [2, 2, 2]
+
+
+def test_prove_says_not_yet_with_exit_75_and_waits_when_asked(topics, tmp_path: Path, redis_url, settings):
+    _prefix, kafka = topics
+    (tmp_path / "chain.toml").write_text(settings.to_toml())
+    store = ["--settings", str(tmp_path / "chain.toml"), "--redis", redis_url, "--prefix", f"none-{uuid.uuid4().hex}"]
+    by_offset = knhk("prove", *store, *kafka, "--shard", "1", "--offset", "0")
+    assert by_offset.rc == 75 and by_offset.seconds < 5
+    assert by_offset.err_lines[-1].startswith("Error: shard 1 of chain 'knhk' has no committed entry")
+    assert "try again" in by_offset.err
+    by_id = knhk("prove", *store, *kafka, "--id", "o-1")
+    assert by_id.rc == 75 and "no delta with id 'o-1'" in by_id.err and "--wait" in by_id.err
+    bounded = knhk("prove", *store, *kafka, "--id", "o-1", "--to", "5")  # a closed range: not there is final
+    assert bounded.rc == 1 and "widen --from/--to" in bounded.err
+    waited = knhk("prove", *store, *kafka, "--shard", "1", "--offset", "0", "--wait", "2")
+    assert waited.rc == 75 and 2 <= waited.seconds < 7
+    assert "trying again for up to 2 s (--wait)" in waited.err
+    usage = knhk("prove", *store, *kafka, "--shard", "1", "--offset", "0", "--id", "o-1")
+    assert usage.rc == 2 and "give --offset O (with --shard S) or --id ID" in usage.err
