@@ -315,21 +315,24 @@ def audit(
     Exit 0 when everything matches, 1 at the first difference or chain problem,
     3 when Kafka no longer holds some beats' records (retention).
     """
-    from knhk_stream.audit.core import audit_shard
+    from knhk_stream.audit.core import audit_shard, cross_check_roots
 
     if bool(shard) == all_shards:
         raise click.UsageError("give --shard S (repeatable) or --all-shards")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    shards = list(shard) if shard else store.shards()
+    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+    # The roots topic against Redis (truncation, deletion, forks); its end offsets are noted before Redis is read.
+    roots_topic = resolve_topics(declarations, topic_prefix).roots.name
+    roots = cross_check_roots(store, settings, log, roots_topic, list(shard) or None, from_cycle, to_cycle)
+    shards = list(shard) if shard else sorted(set(store.shards()) | set(roots.shards))
     if not shards:
         raise ExitWith(f"no chain {settings.chain_id!r} under Redis prefix {prefix!r}: nothing to audit", EXIT_ERROR)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
     reports = []
     for s in shards:
         total = store.count(s, from_cycle, to_cycle)
         with click.progressbar(length=total, label=f"shard {s}", file=sys.stderr, show_pos=True) as bar:
-            reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update))
+            reports.append(audit_shard(store, settings, log, s, from_cycle, to_cycle, progress=bar.update, roots=roots))
     if as_json:
         for r in reports:
             echo_json(r.to_json())
