@@ -269,6 +269,7 @@ class NativeDelta(Struct, forbid_unknown_fields=True, gc=False):
 
 
 _NATIVE = msgspec.json.Decoder(NativeDelta).decode
+_REENCODE = msgspec.json.Encoder().encode  # UNSET fields are left out, a null g is written
 _BACKSLASH = ord("\\")
 _QUOTE = ord('"')
 
@@ -285,10 +286,14 @@ def native_json(value: bytes) -> NativeDelta | None:
     the depth rule, numbers and NaN/Infinity cannot arise; a byte-order mark, control characters
     and trailing bytes are refused by msgspec, and invalid UTF-8 by Python's own decoder. Any
     backslash is declined, so no escape (a lone surrogate, an escaped quote) is left to msgspec
-    either. msgspec keeps the last of repeated keys without a word, so they are found by
-    counting: without backslashes every `"` opens or closes a string, so a text without repeated
-    keys has exactly two for each key and string value that the decoded structs hold, and a
-    repeated key, anywhere, adds at least its own two.
+    either.
+
+    msgspec keeps the last of repeated keys without a word, so they are found by counting: with
+    no backslash every `"` opens or closes a string, so a text without repeated keys has exactly
+    as many as msgspec's own encoding of the decoded structs (each key and string value they
+    hold, once), and a repeated key anywhere adds at least its own two. The common case needs no
+    count: a text that is that encoding byte for byte (compact, in field order: what encode_json
+    writes) has no repeated key.
     """
     if _BACKSLASH in value:
         return None
@@ -301,19 +306,8 @@ def native_json(value: bytes) -> NativeDelta | None:
         d = _NATIVE(value)
     except Exception:  # msgspec.DecodeError or ValidationError: the other paths decide
         return None
-    strings = 0  # keys and string values held by d
-    for items in (d.additions, d.removals):
-        if items is not UNSET:
-            strings += 1 + 6 * len(items)  # the key; "s", "p", "o" and their values
-            for t in items:
-                g = t.g
-                if g is not UNSET:
-                    strings += 1 if g is None else 2
-    if d.id is not UNSET:
-        strings += 2
-    if d.actor is not UNSET:
-        strings += 2
-    if value.count(_QUOTE) != 2 * strings:
+    again = _REENCODE(d)
+    if again != value and again.count(_QUOTE) != value.count(_QUOTE):
         return None  # a repeated key
     return d
 
@@ -447,6 +441,12 @@ def _fast_avro(value: bytes) -> Delta | None:
 
 
 AvroTerms = tuple[bytes, bytes, bytes, bytes | None]
+# A one-byte Avro length (a zig-zag varint below 0x80) -> the length. Odd bytes (negative
+# lengths) map far past any value's end, so that the next read raises IndexError or the final
+# length check fails; for s, p and o so does 0 (an empty term: the term check's to explain).
+_FAR = 1 << 40
+_AVRO_LEN = tuple(_FAR if x & 1 or x >= 0x80 else x >> 1 for x in range(256))
+_AVRO_TERM_LEN = tuple(_FAR if x & 1 or x >= 0x80 or x == 0 else x >> 1 for x in range(256))
 
 
 def avro_ascii_terms(value: bytes) -> tuple[list[AvroTerms], list[AvroTerms]] | None:
@@ -458,17 +458,15 @@ def avro_ascii_terms(value: bytes) -> tuple[list[AvroTerms], list[AvroTerms]] | 
     as the same triples, with no term to check (it declines an empty s, p or o); the caller
     checks the count. None: ask decode_valid (`_fast_avro`, then fastavro).
     """
-    if value[2:10] != AVRO_FINGERPRINT:
+    if not value.startswith(AVRO_PREFIX):
         return None
     b = value[10:]
     if not b.isascii():
         return None
+    lens, terms = _AVRO_LEN, _AVRO_TERM_LEN
     sides: tuple[list[AvroTerms], list[AvroTerms]] = ([], [])
     try:
-        x = b[0]
-        if x & 1:  # odd: a negative zig-zag length
-            return None
-        i = 1 + (x >> 1)  # past the id
+        i = 1 + lens[b[0]]  # past the id
         for out in sides:
             c = b[i]
             i += 1
@@ -476,40 +474,29 @@ def avro_ascii_terms(value: bytes) -> tuple[list[AvroTerms], list[AvroTerms]] | 
                 if c & 1:  # a negative count: a block with its byte size, left to the other paths
                     return None
                 for _ in range(c >> 1):
-                    x = b[i]
-                    if x & 1 or not x:
-                        return None
-                    j = i + 1 + (x >> 1)
-                    s = b[i + 1 : j]
-                    x = b[j]
-                    if x & 1 or not x:
-                        return None
-                    i = j + 1 + (x >> 1)
-                    p = b[j + 1 : i]
-                    x = b[i]
-                    if x & 1 or not x:
-                        return None
-                    j = i + 1 + (x >> 1)
-                    o = b[i + 1 : j]
-                    x = b[j]  # the union's branch: 0 null, 2 string
+                    k = i + 1
+                    i = k + terms[b[i]]
+                    s = b[k:i]
+                    k = i + 1
+                    i = k + terms[b[i]]
+                    p = b[k:i]
+                    k = i + 1
+                    i = k + terms[b[i]]
+                    o = b[k:i]
+                    x = b[i]  # the union's branch: 0 null, 2 string
                     if x == 0:
                         g = None
-                        i = j + 1
+                        i += 1
                     elif x == 2:
-                        x = b[j + 1]
-                        if x & 1:
-                            return None
-                        i = j + 2 + (x >> 1)
-                        g = b[j + 2 : i]
+                        k = i + 2
+                        i = k + lens[b[i + 1]]
+                        g = b[k:i]
                     else:
                         return None
                     out.append((s, p, o, g))
                 c = b[i]
                 i += 1
-        x = b[i]  # the actor
-        if x & 1:
-            return None
-        i += 1 + (x >> 1)
+        i += 1 + lens[b[i]]  # past the actor
     except IndexError:  # a length past the end
         return None
     if i != len(b):  # a short last string, or trailing bytes

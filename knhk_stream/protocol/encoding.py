@@ -23,18 +23,14 @@ class _Hashers(threading.local):
         self.hasher = blake3()
 
 
-_HASHERS = _Hashers()
-
-
-def hasher() -> blake3:
-    """This thread's hasher, for hot loops that hash many values: `h.reset()`, then
-    `h.update(data).digest()` is `H(data)`. Nothing else may use it between the two."""
-    return _HASHERS.hasher
+# For hot loops that hash many values: `h = HASHERS.hasher`, then `h.reset()` and
+# `h.update(data).digest()` is `H(data)`. Nothing else may use h between the two.
+HASHERS = _Hashers()
 
 
 def H(data: bytes) -> bytes:  # noqa: N802 - the protocol's name for it
     """BLAKE3 with 32 bytes of output."""
-    h = _HASHERS.hasher
+    h = HASHERS.hasher
     h.reset()
     return h.update(data).digest()
 

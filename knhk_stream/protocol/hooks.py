@@ -152,10 +152,17 @@ def canonical_actions(value: bytes, max_triples: int = 1024) -> tuple[int, bytes
             return None
         parts: list[bytes] = []
         lanes = 0
-        if adds:
-            lanes = _bytes_side(parts, _OPS[ADD], adds)
-        if rems:
-            lanes += _bytes_side(parts, _OPS[REMOVE], rems)
+        lens = _LENS
+        for op, items in ((_OPS[ADD], adds), (_OPS[REMOVE], rems)):
+            if len(items) == 1:  # the common case, inline
+                s, p, o, g = items[0]
+                if g:
+                    parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, lens[len(g)], g)
+                else:
+                    parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, _NO_GRAPH)
+                lanes += 1
+            elif items:
+                lanes += _bytes_side(parts, op, items)
         return lanes, b"".join(parts)
     d = native_json(value)
     if d is None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from knhk_stream.protocol.decode import HOOK_ERROR, REJECTION_CODES, Rejected, decode_delta, decode_valid
-from knhk_stream.protocol.encoding import H, hasher
+from knhk_stream.protocol.encoding import HASHERS, H
 from knhk_stream.protocol.hooks import Hook, HookError, canonical, canonical_actions, canonical_encoded
 
 RECEIPT_VERSION = 1
@@ -149,7 +149,7 @@ class DeltaProcessor:
                     enc = canonical_encoded(delta)
         if enc is not None:
             lanes, actions = enc
-            h = hasher()  # H(value), H(actions) with this thread's hasher
+            h = HASHERS.hasher  # H(value), H(actions) with this thread's hasher
             h.reset()
             delta_hash = h.update(value).digest()
             h.reset()
