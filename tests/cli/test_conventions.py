@@ -1,0 +1,96 @@
+"""Issue 16, "Conventions": one exit-code table, one JSON shape, help that names every variable.
+
+The tables and rules are in docs/cli.md ("Exit codes", "JSON output"); these
+tests hold the commands to them, on the real Redis and broker.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from knhk_stream.cli import common
+from knhk_stream.cli.main import main
+from knhk_stream.store.lockchain import LockchainStore, set_stall
+from tests.cli.conftest import knhk
+from tests.integration.test_store import make_chain
+
+pytestmark = pytest.mark.integration
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def commands(group: click.Group = main, path: tuple[str, ...] = ()):
+    """(command path, command) of every command, subcommands included."""
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from commands(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+@pytest.fixture()
+def chain(tmp_path: Path, redis_url: str, redis_prefix: str, settings, peer_keys) -> list[str]:
+    """A committed chain of 5 entries on shard 2 in Redis; the options that name it."""
+    (tmp_path / "chain.toml").write_text(settings.to_toml())
+    store = LockchainStore.from_url(redis_url, settings.chain_id, redis_prefix)
+    for ce in make_chain(settings, peer_keys, 5, shard=2):
+        store.append(ce)
+    return ["--settings", str(tmp_path / "chain.toml"), "--redis", redis_url, "--prefix", redis_prefix]
+
+
+# -- 8. exit codes ------------------------------------------------------------------------------
+
+
+def test_the_exit_code_table_is_the_one_the_code_uses():
+    text = DOCS.read_text("utf-8").split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = [int(m) for m in re.findall(r"^\| \*\*(\d+)\*\* \|", text, re.M)]
+    used = [common.EXIT_OK, common.EXIT_ERROR, common.EXIT_USAGE, common.EXIT_ATTENTION, common.EXIT_NOT_YET]
+    assert documented == used == [0, 1, 2, 3, 75]
+    per_command = re.search(r"^\| command \| 0 \| 1 \| 2 \| 3 \| 75 \|$", text, re.M)
+    assert per_command, "the per-command table has one column per code"
+    rows = {m.split("|")[1].strip() for m in re.findall(r"^\| `[^|]+` \|.*$", text, re.M)}
+    for path, _cmd in commands():
+        name = " ".join(path)
+        assert any(name in row for row in rows), f"`{name}` is missing from the exit-code table"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("prove", "--bogus"),
+        ("audit", "--settings", "x.toml"),  # neither --shard nor --all-shards
+        ("produce",),  # neither FILE nor --synthetic
+        ("roots", "tail"),  # no --settings
+        ("verify-proof", "no-such-file.json", "--settings", "x.toml"),
+        ("chain", "show", "--limit", "many", "--settings", "x.toml"),
+    ],
+)
+def test_usage_errors_exit_2(args):
+    result = invoke(*args)
+    assert result.exit_code == common.EXIT_USAGE, result.output
+    assert "Usage:" in result.output or "Error:" in result.output
+
+
+def test_errors_are_one_error_line_with_exit_1(chain):
+    ran = knhk("chain", "show", *chain[:2], "--redis", "redis://127.0.0.1:1/0", "--json")
+    assert ran.rc == common.EXIT_ERROR and ran.out == "" and ran.seconds < 5
+    assert ran.err_lines == [ran.err_lines[0]] and ran.err_lines[0].startswith("Error: cannot reach Redis")
+
+
+def test_status_exits_3_on_a_stall_also_with_json(chain, redis_url, redis_prefix, settings):
+    set_stall(LockchainStore.from_url(redis_url, settings.chain_id, redis_prefix), 2, 104, "no quorum", 1)
+    for extra in ((), ("--json",)):
+        result = invoke("status", *chain, "--no-kafka", *extra)
+        assert result.exit_code == common.EXIT_ATTENTION, result.output
+    lines = [json.loads(x) for x in invoke("status", *chain, "--no-kafka", "--json").stdout.splitlines()]
+    assert [int(x["stalled"]["cycle"]) for x in lines if x["shard"] == 2] == [104]
