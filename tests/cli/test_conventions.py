@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 import click
@@ -94,3 +95,37 @@ def test_status_exits_3_on_a_stall_also_with_json(chain, redis_url, redis_prefix
         assert result.exit_code == common.EXIT_ATTENTION, result.output
     lines = [json.loads(x) for x in invoke("status", *chain, "--no-kafka", "--json").stdout.splitlines()]
     assert [int(x["stalled"]["cycle"]) for x in lines if x["shard"] == 2] == [104]
+
+
+# -- 9. one JSON shape ----------------------------------------------------------------------------
+
+
+def json_lines(stdout: str) -> list[dict]:
+    """Every line of stdout is one JSON object (JSON Lines), nothing else."""
+    out = []
+    for line in stdout.splitlines():
+        value = json.loads(line)
+        assert isinstance(value, dict), line
+        out.append(value)
+    return out
+
+
+def test_every_json_output_is_json_lines(chain, broker, tmp_path: Path):
+    kafka = ["--bootstrap", broker.bootstrap, "--topic-prefix", f"js{uuid.uuid4().hex[:10]}"]
+    applied = invoke("topics", "apply", *kafka, "--json")
+    assert applied.exit_code == 0 and len(json_lines(applied.stdout)) == 1
+    assert len(json_lines(invoke("chain", "show", *chain, "--json").stdout)) == 5
+    assert len(json_lines(invoke("chain", "verify", *chain, "--json").stdout)) == 1
+    status = invoke("status", *chain, *kafka, "--json")
+    assert status.exit_code == 0, status.output
+    assert [x["shard"] for x in json_lines(status.stdout)] == [0, 1, 2, 3]
+    audit = invoke("audit", *chain, *kafka, "--shard", "2", "--json")  # a made-up chain: FAILED, still JSON
+    assert audit.exit_code == 1 and [x["status"] for x in json_lines(audit.stdout)] == ["FAILED"]
+    bundle = tmp_path / "bad.json"
+    bundle.write_text("{not json")
+    proof = invoke("verify-proof", str(bundle), *chain[:2], "--json")
+    assert proof.exit_code == 1 and json_lines(proof.stdout)[0]["failed_step"] == "bundle"
+    roots = knhk("roots", "tail", *chain[:2], *kafka, "--from-beginning", "--json", "-e", timeout=60)
+    assert roots.rc == 0 and json_lines(roots.out) == []
+    missing = knhk("status", *chain, "--bootstrap", "127.0.0.1:9", "--json")
+    assert missing.rc == 1 and missing.out == ""  # an error: the Error line on stderr, no half JSON
