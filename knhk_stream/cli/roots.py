@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 import uuid
@@ -45,7 +46,7 @@ def roots() -> None:
     "--group-id",
     envvar="KNHK_ROOTS_GROUP_ID",
     help="Consumer group to read in; members of one group split the shards and resume where it stopped "
-    "(default: a fresh group per run, which takes no shards from anyone).",
+    "(default: a fresh group per run, which takes no shards from anyone; env KNHK_ROOTS_GROUP_ID).",
 )
 @click.option(
     "--from-beginning",
@@ -96,6 +97,10 @@ def tail(
     """
     from knhk_stream.kafka.roots import InvalidRoot, RootsReader
 
+    def on_term(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: the reader commits and leaves its group
+
+    signal.signal(signal.SIGTERM, on_term)
     setup_logging(log_level)
     settings = ChainSettings.from_toml(settings_path)
     topics = resolve_topics(declarations, topic_prefix)

@@ -129,3 +129,46 @@ def test_every_json_output_is_json_lines(chain, broker, tmp_path: Path):
     assert roots.rc == 0 and json_lines(roots.out) == []
     missing = knhk("status", *chain, "--bootstrap", "127.0.0.1:9", "--json")
     assert missing.rc == 1 and missing.out == ""  # an error: the Error line on stderr, no half JSON
+
+
+# -- 10. help and names ---------------------------------------------------------------------------
+
+
+def test_every_option_that_reads_a_variable_says_so_in_help():
+    for path, cmd in commands():
+        text = invoke(*path, "--help").output
+        flat = " ".join(text.split())
+        for param in cmd.params:
+            if isinstance(param, click.Option) and param.envvar:
+                names = [param.envvar] if isinstance(param.envvar, str) else param.envvar
+                assert names[0] in flat, f"`{' '.join(path)} --help` does not name {names[0]} ({param.opts[0]})"
+
+
+def test_one_name_for_at_most_n_and_the_kafka_spelling_of_bootstrap():
+    for path, cmd in commands():
+        for param in cmd.params:
+            if not isinstance(param, click.Option):
+                continue
+            assert param.opts[0] != "--max", f"`{' '.join(path)}`: 'at most N' is --limit"
+            if "--bootstrap" in param.opts:
+                assert "--bootstrap-server" in param.opts, f"`{' '.join(path)}` lacks --bootstrap-server"
+
+
+def test_help_says_where_dash_means_stdin():
+    for path in (("produce",), ("verify-proof",), ("chain", "import")):
+        assert "- for stdin" in " ".join(invoke(*path, "--help").output.split()).replace("`", ""), path
+    assert "- for stdout" in " ".join(invoke("produce", "--help").output.split())
+
+
+def test_roots_tail_stops_at_the_end_or_after_a_timeout(broker, tmp_path: Path, settings):
+    (tmp_path / "chain.toml").write_text(settings.to_toml())
+    prefix = f"rt{uuid.uuid4().hex[:10]}"
+    base = ["roots", "tail", "--settings", str(tmp_path / "chain.toml"), "--bootstrap-server", broker.bootstrap,
+            "--topic-prefix", prefix]  # fmt: skip
+    assert invoke("topics", "apply", "--bootstrap", broker.bootstrap, "--topic-prefix", prefix).exit_code == 0
+    at_end = knhk(*base, "--from-beginning", "--exit-at-end", "--max", "5", timeout=60)  # --max: the old name
+    assert at_end.rc == 0 and at_end.seconds < 15, (at_end.rc, at_end.seconds, at_end.err)
+    assert "0 roots shown" in at_end.err and "(at the end of the topic)" in at_end.err
+    timed = knhk(*base, "--timeout", "1", timeout=60)
+    assert timed.rc == common.EXIT_NOT_YET and timed.seconds < 15, (timed.rc, timed.seconds, timed.err)
+    assert "(no root for 1 s)" in timed.err
