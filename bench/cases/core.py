@@ -10,6 +10,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
             b_votes = (lambda f=fn_before: [f() for _ in range(k)]) if fn_before else None
             runs, bruns = paired_rates(lambda f=fn_after: [f() for _ in range(k)], b_votes, k, args.runs)
             rep.add(Result("2. Core alone", label, "votes/s", runs, bname, bruns, note=VOTE_NOTE))
+        share_case(rep, args, after, before, bname)
         bundle_case(rep, args)
     finally:
         if before:
@@ -115,6 +117,95 @@ def summary_line(json_row: Result, avro_row: Result) -> str:
     return (
         f"core: json_100b={json_row.median or 0:.0f} avro_100b={avro_row.median or 0:.0f} "
         f"speedup_vs_before={speedup:.2f}"
+    )
+
+
+# Our own share of the commit latency that lies in the core (issue 14, item 2): a beat's vote waits
+# for its beat to close (the closing record's receipt, the Merkle root, the entry hash and the
+# vote's signature), and the records of the consume batch it closes in; a commit waits for the
+# quorum's votes to verify. At 2,000 deltas/s over 4 shards a beat holds 500 receipts at
+# tick_ms 125 and 4 at tick_ms 1.
+SHARE_BEATS = ((125, 500), (1, 4))
+SHARE_BATCH = 5000  # the worker's consume batch
+
+
+def beat_close_s(pkg: Any, values: Sequence[bytes], n: int, key: Any) -> float:
+    """Seconds to close a beat of n receipts: the closing record's feed, root, entry hash, signature."""
+    asm = pkg.beats.BeatAssembler(0, 125, pkg.receipts.DeltaProcessor(pkg.hooks.load_hook("canonical@1")))
+    ts = 1_700_000_000_000
+    for i in range(n):
+        asm.feed(i, ts, False, values[i])
+    zero = bytes(32)
+    t0 = time.perf_counter()
+    beat = asm.feed(n, ts + 1000, False, values[n])  # the next beat: this one closes
+    root = beat.root()
+    e = pkg.encoding
+    entry_hash = e.H(
+        b"\x02" + e.str16("knhk") + e.u32(0) + e.u64(beat.cycle) + root + e.u64(n) + e.u64(0) + e.u64(n - 1) + zero
+    )
+    if hasattr(pkg.quorum, "verify_vote"):
+        pkg.quorum.sign(key, zero, entry_hash)
+    else:
+        pkg.quorum.sign(key, entry_hash)
+    return time.perf_counter() - t0
+
+
+def share_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | None, bname: str | None) -> None:
+    values = json_values(SHARE_BATCH + 1)
+    key = after.quorum.generate_key()
+    for tick_ms, n in SHARE_BEATS:
+        k = 40 if n > 100 else 400  # closes per run
+        a_runs: list[float] = []
+        b_runs: list[float] = []
+        for i in range(args.runs):
+            for pkg, out in ((after, a_runs), (before, b_runs)) if i % 2 == 0 else ((before, b_runs), (after, a_runs)):
+                if pkg is not None:
+                    out.append(statistics.median(beat_close_s(pkg, values, n, key) for _ in range(k)) * 1e6)
+        rep.add(
+            Result(
+                "2. Core alone",
+                f"our share in the core at tick_ms {tick_ms}: closing a beat of {n} receipts "
+                "(closing record, Merkle root, entry hash, vote signature)",
+                "µs",
+                a_runs,
+                bname,
+                b_runs,
+                higher_is_better=False,
+                note="2,000 deltas/s over 4 shards; median close of each run",
+            )
+        )
+    batch = values[:SHARE_BATCH]
+    b_feed = (lambda: core_feed(before, batch)) if before else None
+    runs, bruns = paired_rates(lambda: core_feed(after, batch), b_feed, 1, args.runs)
+    rep.add(
+        Result(
+            "2. Core alone",
+            f"our share in the core: a full consume batch ({SHARE_BATCH:,} deltas of 100 B JSON) through the core",
+            "ms",
+            [1e3 / r for r in runs],
+            bname,
+            [1e3 / r for r in bruns],
+            higher_is_better=False,
+            note="the longest a beat's vote can wait for the rest of the batch it closes in",
+        )
+    )
+    pub = after.quorum.public_key_bytes(key)
+    zero = bytes(32)
+    sig = after.quorum.sign(key, zero, zero)
+    k = 300
+    runs = [
+        1e6 / quiet_rate(lambda: [after.quorum.verify_vote(pub, zero, zero, sig) for _ in range(3 * k)], k)
+        for _ in range(args.runs)
+    ]
+    rep.add(
+        Result(
+            "2. Core alone",
+            "our share in the core at quorum completion: verifying 3 votes (Ed25519)",
+            "µs",
+            runs,
+            higher_is_better=False,
+            note="the votes a commit needs at threshold 3; the Lua append's round trip is Redis's",
+        )
     )
 
 
