@@ -172,3 +172,14 @@ def test_roots_tail_stops_at_the_end_or_after_a_timeout(broker, tmp_path: Path, 
     timed = knhk(*base, "--timeout", "1", timeout=60)
     assert timed.rc == common.EXIT_NOT_YET and timed.seconds < 15, (timed.rc, timed.seconds, timed.err)
     assert "(no root for 1 s)" in timed.err
+
+
+# -- 12. small ones -------------------------------------------------------------------------------
+
+
+def test_an_unknown_key_in_peers_is_named_as_unknown(tmp_path: Path, settings):
+    text = settings.to_toml().replace("public_key =", "publickey =", 1)
+    (tmp_path / "chain.toml").write_text(text)
+    result = invoke("chain", "verify", "--settings", str(tmp_path / "chain.toml"))
+    assert result.exit_code == 1
+    assert "peers[0].publickey: unknown key" in result.output and "not hex" not in result.output

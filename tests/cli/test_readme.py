@@ -130,12 +130,14 @@ def test_readme_worked_path_runs_as_written(tmp_path: Path, redis_url: str):
         work = tmp_path / "terminal-2"
         work.mkdir()
         shell = Shell(work, env)
+        outputs: dict[str, str] = {}
         for step in steps:
             command = printed if step.startswith("export KNHK_BOOTSTRAP=") else step
             if step.startswith("export KNHK_BOOTSTRAP=") and "127.0.0.1:9092 " in printed:
                 assert step.split("  #")[0].strip() == printed, "the README's export line is the one dev prints"
             rc, output, _ = shell.run(command, timeout=60)
             assert rc == 0, f"README step failed (exit {rc}): {step}\n{output}"
+            outputs[step.split()[1] if step.startswith("knhk-stream ") else step] = output
         # What each step left behind, as the README says.
         sent = [json.loads(line) for line in (work / "sent.jsonl").read_text().splitlines()]
         assert sorted(r["id"] for r in sent) == ["o-42", "o-43"]
@@ -145,6 +147,10 @@ def test_readme_worked_path_runs_as_written(tmp_path: Path, redis_url: str):
         assert (proof["shard"], proof["offset"]) == (o42["partition"], o42["offset"])
         rc, output, _ = shell.run("knhk-stream verify-proof proof.json --settings chain.toml", 30)
         assert rc == 0 and "proof OK" in output, output
+        # prove and verify-proof number the delta's leaf the same way (issue 16, point 12)
+        leaf = re.search(r"leaf (\d+) of (\d+)", outputs["prove"])
+        assert leaf and (int(leaf[1]), int(leaf[2])) == (proof["leaf_index"], proof["tree_size"]), outputs["prove"]
+        assert f"leaf {leaf[1]} of {leaf[2]}," in outputs["verify-proof"], outputs["verify-proof"]
         rc, output, _ = shell.run("wait; grep -c 'stopped' peer-*.log", 30)  # the workers stopped on the kill
         assert output.count(":1") == 4, output
     finally:
