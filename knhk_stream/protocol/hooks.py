@@ -19,12 +19,11 @@ from typing import Any
 from knhk_stream.errors import HookError
 from knhk_stream.protocol.decode import (
     AVRO_MAGIC,
+    AVRO_PREFIX,
     MAX_TERM_BYTES,
-    AvroTerms,
     Delta,
     NativeTriple,
     Triple,
-    avro_ascii_terms,
     native_json,
 )
 from knhk_stream.protocol.encoding import H
@@ -139,31 +138,11 @@ def canonical_actions(value: bytes, max_triples: int = 1024) -> tuple[int, bytes
 
     Whenever this returns them, decode_delta(value, max_triples) is a Delta and they are exactly
     canonical_encoded of it. None: decode the value (decode_valid, else decode_delta) instead.
-    JSON goes through decode.native_json, Avro with an ASCII body through
-    decode.avro_ascii_terms; neither builds Triples or a Delta.
+    JSON goes through decode.native_json; Avro with an all-ASCII body is read here, as bytes.
+    Neither builds Triples or a Delta.
     """
     if value[:2] == AVRO_MAGIC:
-        sides = avro_ascii_terms(value)
-        if sides is None:
-            return None
-        adds, rems = sides
-        n = len(adds) + len(rems)
-        if not 0 < n <= max_triples:
-            return None
-        parts: list[bytes] = []
-        lanes = 0
-        lens = _LENS
-        for op, items in ((_OPS[ADD], adds), (_OPS[REMOVE], rems)):
-            if len(items) == 1:  # the common case, inline
-                s, p, o, g = items[0]
-                if g:
-                    parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, lens[len(g)], g)
-                else:
-                    parts += (op, lens[len(s)], s, lens[len(p)], p, lens[len(o)], o, _NO_GRAPH)
-                lanes += 1
-            elif items:
-                lanes += _bytes_side(parts, op, items)
-        return lanes, b"".join(parts)
+        return _avro_actions(value, max_triples)
     d = native_json(value)
     if d is None:
         return None
@@ -179,7 +158,7 @@ def canonical_actions(value: bytes, max_triples: int = 1024) -> tuple[int, bytes
         if rems:
             lanes += _ascii_side(sparts, _REMOVE_S, rems)
         return lanes, "".join(sparts).encode("latin-1")
-    parts = []
+    parts: list[bytes] = []
     lanes = 0
     if adds:
         keys = [(t.s, t.p, t.o, t.g or "") for t in adds]
@@ -191,6 +170,85 @@ def canonical_actions(value: bytes, max_triples: int = 1024) -> tuple[int, bytes
         keys = keys if len(keys) == 1 else sorted(set(keys))
         _encode_side(parts, _OPS[REMOVE], keys)
         lanes += len(keys)
+    return lanes, b"".join(parts)
+
+
+# A one-byte Avro long (a zig-zag varint below 0x80) as a length. Odd bytes (negative lengths)
+# map far past any value's end, so that the next read raises IndexError or the final length
+# check fails; for s, p and o so does 0 (an empty term: decode_delta's term check explains it).
+_FAR = 1 << 40
+_AVRO_LEN = tuple(_FAR if x & 1 or x >= 0x80 else x >> 1 for x in range(256))
+_AVRO_TERM_LEN = tuple(_FAR if x & 1 or x >= 0x80 or x == 0 else x >> 1 for x in range(256))
+_SIDES = (_OPS[ADD], _OPS[REMOVE])
+
+
+def _avro_actions(value: bytes, max_triples: int) -> tuple[int, bytes] | None:
+    """canonical_actions of an `io.knhk.Delta` in Avro single-object encoding whose body is all
+    ASCII; None for anything else (decode_valid reads it then: `_fast_avro`, or fastavro).
+
+    An ASCII body has only one-byte varints (every length and count below 64) and valid UTF-8,
+    so the terms are read as byte slices: UTF-8 byte order is code-point order, so they sort as
+    the decoded strings do. The body is `str id, array<Triple> additions, array<Triple> removals,
+    str actor`, a Triple `str s, str p, str o, union {null, str} g`, an array blocks of
+    `count, items` ended by a 0 count. A negative count (a block with its byte size), an empty
+    s, p or o, a bad union branch, a short value or trailing bytes: None.
+    """
+    if not value.startswith(AVRO_PREFIX):
+        return None
+    b = value[10:]
+    if not b.isascii():
+        return None
+    lens, term_lens, str32 = _AVRO_LEN, _AVRO_TERM_LEN, _LENS
+    parts: list[bytes] = []
+    lanes = n = 0
+    try:
+        i = 1 + lens[b[0]]  # past the id
+        for op in _SIDES:
+            side: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+            c = b[i]
+            i += 1
+            while c:
+                if c & 1:  # a negative count
+                    return None
+                for _ in range(c >> 1):
+                    k = i + 1
+                    i = k + term_lens[b[i]]
+                    s = b[k:i]
+                    k = i + 1
+                    i = k + term_lens[b[i]]
+                    p = b[k:i]
+                    k = i + 1
+                    i = k + term_lens[b[i]]
+                    o = b[k:i]
+                    x = b[i]  # the union's branch: 0 null, 2 string
+                    if x == 0:
+                        g = None
+                        i += 1
+                    elif x == 2:
+                        k = i + 2
+                        i = k + lens[b[i + 1]]
+                        g = b[k:i]
+                    else:
+                        return None
+                    side.append((s, p, o, g))
+                c = b[i]
+                i += 1
+            if len(side) == 1:  # the common case, inline
+                s, p, o, g = side[0]
+                if g:
+                    parts += (op, str32[len(s)], s, str32[len(p)], p, str32[len(o)], o, str32[len(g)], g)
+                else:
+                    parts += (op, str32[len(s)], s, str32[len(p)], p, str32[len(o)], o, _NO_GRAPH)
+                lanes += 1
+                n += 1
+            elif side:
+                lanes += _bytes_side(parts, op, side)
+                n += len(side)
+        i += 1 + lens[b[i]]  # past the actor
+    except IndexError:  # a length past the end
+        return None
+    if i != len(b) or not 0 < n <= max_triples:  # a short last string or trailing bytes; the count
+        return None
     return lanes, b"".join(parts)
 
 
@@ -214,7 +272,7 @@ def _ascii_side(parts: list[str], op: str, items: list[NativeTriple]) -> int:
     return len(keys)
 
 
-def _bytes_side(parts: list[bytes], op: bytes, items: list[AvroTerms]) -> int:
+def _bytes_side(parts: list[bytes], op: bytes, items: list[tuple[bytes, bytes, bytes, bytes | None]]) -> int:
     """_encode_side for terms given as UTF-8 bytes (byte order is code-point order); returns the lanes."""
     lens = _LENS
     keys = items if len(items) == 1 else sorted({(s, p, o, g or b"") for s, p, o, g in items})
