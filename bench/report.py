@@ -78,7 +78,7 @@ def write_markdown(rep: Report, meta: dict[str, Any], path: Path) -> None:
         lines += ["", "## Notes", ""]
         lines += [f"- {n}" for n in rep.notes]
         lines += [f"- ERROR: {e}" for e in rep.errors]
-    lines += ["", "Chart: `bench/results/latest.png`. Raw numbers: `bench/results/latest.json`.", ""]
+    lines += ["", "Chart: `latest.png`. Raw numbers: `latest.json` (both beside this file).", ""]
     path.write_text("\n".join(lines))
 
 
