@@ -7,14 +7,15 @@ members hands out the committed roots. Faults are drawn from the seed and overla
 
     worker_kill     SIGKILL of a random worker, restarted after 1-5 s
     worker_zombie   SIGSTOP of one of peer-a's workers for longer than its session timeout, then SIGCONT
-                    (it wakes up after its shards moved to the other worker of the peer)
+                    (it wakes up after its shards moved to the other worker of the peer); at most one of
+                    peer-a's workers is hurt at a time, so its group never empties (a Tansu limit, README.md)
     worker_term     SIGTERM of a random worker in the middle of a beat (it must exit 0), restarted after 1-5 s
     redis_kill      SIGKILL of redis-server, restarted on its AOF after 1-5 s
     broker_pause    SIGSTOP of the broker for 2-5 s, then SIGCONT (Tansu keeps data in memory only: never killed)
     bad_deltas      a burst of malformed and oversized deltas (every one must get a rejected receipt)
     vote_garbage    a burst of garbage, forged and foreign records on the votes topic
-    faulty_hook     one peer restarted with a buggy hook under the same name (a dissenting replica) for
-                    10-25 s, then restarted with the right one
+    faulty_hook     one peer (b, c or d: one worker each) restarted with a buggy hook under the chain's
+                    hook name (a dissenting replica) for 10-25 s, then restarted with the right one
     reader_kill     SIGKILL of a RootsReader group member, replaced by a new one after 1-3 s
 
 The checker (checker.py) reads Kafka and Redis itself, never the peers' state, and checks continuously
