@@ -73,7 +73,7 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
     }
     return {
         "meta": {
-            **git_meta(),
+            **_code_meta(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "load_avg_end": load_avg(),
