@@ -18,7 +18,7 @@ from bench import ROOT
 from bench.chaos.checker import Checker
 from bench.chaos.faults import KINDS, Injector
 from bench.chaos.load import SHARDS, Acked, SteadyProducer
-from bench.chaos.services import Fleet, RedisServer, now_ms
+from bench.chaos.services import Fleet, RedisServer, cpu_seconds, now_ms
 from knhk_stream.kafka.admin import apply_topics
 from knhk_stream.kafka.embedded import EmbeddedBroker
 from knhk_stream.kafka.topics import load_topics
@@ -87,6 +87,7 @@ class Campaign:
         self.peers = PEERS
         self.closing = threading.Event()
         self.restart_at: dict[str, float] = {}
+        self.cpu_other: dict[str, dict[int, float]] = {}
         self.t0 = time.monotonic()
 
     def log(self, msg: str) -> None:
@@ -177,6 +178,31 @@ class Campaign:
                     if not self.fleet.procs[name].alive:
                         self.fleet.start(name)
         self.fleet.sample_rss()
+        for name, pid in (
+            ("tansu", self.broker.pid),
+            ("redis-server", self.redis.proc.pid if self.redis.proc else None),
+        ):
+            cpu = cpu_seconds(pid) if pid else None
+            if cpu is not None:
+                self.cpu_other.setdefault(name, {})[pid] = cpu
+
+    def cpu_figures(self) -> dict[str, Any]:
+        """CPU seconds by kind of process over the run, and the average number of cores they kept busy."""
+        import resource
+
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        seconds = {
+            "workers": sum(sum(p.cpu_s.values()) for p in self.fleet.workers()),
+            "reader members": sum(sum(p.cpu_s.values()) for p in self.fleet.readers()),
+            **{k: sum(v.values()) for k, v in self.cpu_other.items()},
+            "campaign (producer, checker, faults)": own.ru_utime + own.ru_stime,
+        }
+        wall = time.monotonic() - self.t0
+        return {
+            "wall_s": round(wall, 1),
+            "seconds": {k: round(v, 1) for k, v in seconds.items()},
+            "cores": round(sum(seconds.values()) / wall, 2),
+        }
 
     # -- the run ----------------------------------------------------------------------------
 

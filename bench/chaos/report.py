@@ -66,6 +66,7 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
         p.name: {
             "role": p.role,
             "peak_rss_mb": round(p.peak_rss_mb, 1),
+            "cpu_s": round(sum(p.cpu_s.values()), 1),
             "incarnations": p.incarnation,
             "exits": [{k: v for k, v in e.items() if k != "pid"} for e in p.exits],
         }
@@ -112,6 +113,7 @@ def figures(c: Campaign, final: dict[str, Any]) -> dict[str, Any]:
             "definition": "committed_at_ms - end of the beat ((cycle+1) * 8 * tick_ms)",
         },
         "processes": procs,
+        "cpu": c.cpu_figures(),
         "checks": dict(sorted(ch.counts.items()))
         | {
             "checker_rounds": ch.rounds,
@@ -184,9 +186,16 @@ def markdown(figs: dict[str, Any], violations: list[dict[str, Any]]) -> str:
     other = [v for v in violations if v["invariant"] not in INVARIANTS]
     if other:
         lines.append(f"| checker errors | {len(other)} |")
-    lines += ["", "| process | peak RSS (MB) | incarnations |", "| --- | ---: | ---: |"]
+    lines += ["", "| process | peak RSS (MB) | CPU (s) | incarnations |", "| --- | ---: | ---: | ---: |"]
     for name, p in figs["processes"].items():
-        lines.append(f"| {name} ({p['role']}) | {p['peak_rss_mb']:.1f} | {p['incarnations']} |")
+        lines.append(f"| {name} ({p['role']}) | {p['peak_rss_mb']:.1f} | {p['cpu_s']:.1f} | {p['incarnations']} |")
+    cpu = figs["cpu"]
+    lines += [
+        "",
+        f"CPU over the {cpu['wall_s']:.0f} s of the run: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in cpu["seconds"].items())
+        + f"; {cpu['cores']:.2f} cores on average.",
+    ]
     checks = figs["checks"]
     lines += [
         "",

@@ -103,11 +103,21 @@ class Proc:
     settings: Path | None = None  # the settings file of the current incarnation
     peak_rss_mb: float = 0.0
     pids: list[int] = field(default_factory=list)
+    cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds at its last sample
     exits: list[dict[str, object]] = field(default_factory=list)  # every exit: rc, expected, at_ms
 
     @property
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time the process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_rss_mb(pid: int) -> float | None:
@@ -277,6 +287,9 @@ class Fleet:
                     rss = peak_rss_mb(p.popen.pid)
                     if rss is not None and rss > p.peak_rss_mb:
                         p.peak_rss_mb = rss
+                    cpu = cpu_seconds(p.popen.pid)
+                    if cpu is not None:
+                        p.cpu_s[p.popen.pid] = cpu
 
     def log_tail(self, name: str, n: int = 3000) -> str:
         try:
