@@ -45,7 +45,7 @@ MINUTES ?= 10
 SEED ?= 1
 .PHONY: chaos
 chaos: $(DEV_STAMP)
-	$(PY) -m bench.chaos --minutes $(MINUTES) --seed $(SEED) $(if $(FAULTS),--faults $(FAULTS)) $(if $(RATE),--rate $(RATE))
+	$(PY) -m bench.chaos --minutes $(MINUTES) --seed $(SEED) $(if $(FAULTS),--faults $(FAULTS)) $(if $(RATE),--rate $(RATE)) $(if $(REF),--ref $(REF))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

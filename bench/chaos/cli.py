@@ -37,6 +37,9 @@ def parse_args(argv: Iterable[str] | None = None) -> Config:
     ap.add_argument("--keep", action="store_true", help="keep the work directory with every log")
     ap.add_argument("--no-audit", action="store_true", help="skip the final audit_shard replay of every shard")
     ap.add_argument("--no-chart", action="store_true", help="no PNG timeline")
+    ap.add_argument(
+        "--ref", help="test the code of this git ref (a copy by `git archive`; default: the checkout as it is)"
+    )
     a = ap.parse_args(list(argv) if argv is not None else None)
     faults = tuple(k.strip() for k in a.faults.split(",") if k.strip())
     unknown = sorted(set(faults) - set(KINDS))
