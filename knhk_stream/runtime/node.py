@@ -805,8 +805,9 @@ class PeerNode:
                 return
         self.stats["reappended"] += written
         self._unblock(shard)
-        log.warning("shard %d: re-appended %d deleted entries (cycles %d..%d); the committed head is cycle %d again",
-                    shard, written, chain[0].entry.cycle, chain[-1].entry.cycle, view.head_cycle)  # fmt: skip
+        by = f"re-appended {written} deleted entries" if written else "the deleted entries were re-appended (by others)"
+        log.warning("shard %d: %s (cycles %d..%d); the committed head is cycle %d again",
+                    shard, by, chain[0].entry.cycle, chain[-1].entry.cycle, view.head_cycle)  # fmt: skip
 
     @staticmethod
     def _walk(by_hash: dict[bytes, CommittedEntry], top: bytes, base: bytes) -> list[CommittedEntry] | None:

@@ -391,6 +391,10 @@ def check_entry(
         bad(STORED_FIELDS, f"entry cannot be read: {e}")
         return out, None
     e = ce.entry
+    out_of_range = _out_of_range(e)
+    if out_of_range:
+        bad(out_of_range[0], out_of_range[1])
+        return out, None
     if e.chain_id != settings.chain_id:
         bad("chain_id", f"is {e.chain_id!r}, the key says {settings.chain_id!r}")
     if e.shard != shard:
@@ -439,6 +443,22 @@ def check_entry(
             f"{e.first_offset} is not after the previous entry's last_offset {prev_last_offset}",
         )
     return out, ce
+
+
+def _out_of_range(e: Entry) -> tuple[str, str] | None:
+    """(field, why) for an entry field outside its protocol range (u32 shard, u64 numbers, 1..64-byte chain id)."""
+    for name in ("cycle", "receipt_count", "first_offset", "last_offset"):
+        if not 0 <= getattr(e, name) < 2**64:
+            return name, f"{getattr(e, name)} is out of range (u64)"
+    if not 0 <= e.shard < 2**32:
+        return "shard", f"{e.shard} is out of range (u32)"
+    try:
+        size = len(e.chain_id.encode("utf-8"))
+    except UnicodeError:
+        return "chain_id", f"{e.chain_id!r} is not valid UTF-8"
+    if not 1 <= size <= 64:
+        return "chain_id", f"has {size} bytes, not 1..64"
+    return None
 
 
 def _placeholder(name: str) -> str:
@@ -499,8 +519,14 @@ def verify_range(
     prev_hash: bytes | None = ZERO_HASH
     prev_last: int | None = None
     if from_cycle is not None:
-        before = store.previous(shard, from_cycle)
-        prev_hash = before.entry_hash if before else ZERO_HASH
+        try:
+            before = store.previous(shard, from_cycle)
+        except (ValueError, KeyError, TypeError) as e:
+            report.problems.append(Problem(None, ("cycles",), f"the entry before cycle {from_cycle} cannot be read: "
+                                           f"{e!r}; the first link of the range is not checked"))  # fmt: skip
+            before, prev_hash = None, None
+        else:
+            prev_hash = before.entry_hash if before else ZERO_HASH
         prev_last = before.entry.last_offset if before else None
     listed: list[int] = []
     last: CommittedEntry | None = None
@@ -828,15 +854,15 @@ def committed_problem(settings: ChainSettings, ce: CommittedEntry, shard: int | 
     """
     try:
         e = ce.entry
+        out_of_range = _out_of_range(e)
+        if out_of_range:
+            return f"{out_of_range[0]} {out_of_range[1]}"
         if e.chain_id != settings.chain_id:
             return f"chain_id is {e.chain_id!r}, not {settings.chain_id!r}"
         if shard is not None and e.shard != shard:
             return f"shard is {e.shard}, not {shard}"
-        for name in ("cycle", "receipt_count", "first_offset", "last_offset"):
-            if not 0 <= getattr(e, name) < 2**64:
-                return f"{name} {getattr(e, name)} is out of range (u64)"
-        if not 0 <= e.shard < 2**32:
-            return f"shard {e.shard} is out of range (u32)"
+        if len(e.root) != 32 or len(e.prev_entry_hash) != 32 or len(ce.entry_hash) != 32:
+            return "root, prev_entry_hash and entry_hash must be 32 bytes each"
         if e.entry_hash != ce.entry_hash:
             return f"the fields hash to {e.entry_hash.hex()}, not to the stated entry_hash {ce.entry_hash.hex()}"
         epoch = settings.epoch_for(e.cycle)
