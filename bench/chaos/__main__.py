@@ -49,6 +49,7 @@ try:
 
     env = {**os.environ, "KNHK_CHAOS_CODE": str(code), "KNHK_CHAOS_ROOT": str(root),
            "KNHK_CHAOS_COMMIT": commit or "unknown", "KNHK_CHAOS_DIRTY": "1" if dirty else "",
+           "KNHK_CHAOS_SOURCE": f"git archive of {ref}" if ref else "a copy of the checkout taken at the start",
            "PYTHONPATH": os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "bench.chaos", *args], cwd=code, env=env)
     try:

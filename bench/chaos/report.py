@@ -30,7 +30,7 @@ def _code_meta() -> dict[str, Any]:
         return {
             "commit": os.environ["KNHK_CHAOS_COMMIT"],
             "dirty": bool(os.environ.get("KNHK_CHAOS_DIRTY")),
-            "code": "a copy of the checkout's knhk_stream/ and bench/ taken at the start",
+            "code": os.environ.get("KNHK_CHAOS_SOURCE", "a copy of knhk_stream/ and bench/ taken at the start"),
         }
     return {**git_meta(), "code": "the checkout itself"}
 
