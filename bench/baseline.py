@@ -33,10 +33,11 @@ _NAME = re.compile(rb"\bknhk_stream\b")
 
 def extract_ref(ref: str, dest: Path) -> Path | None:
     """The knhk_stream package at git `ref`, as it is, under dest/ref/knhk_stream; and renamed to
-    dest/knhk_base with its imports rewritten (put dest on sys.path and use Pkg(BASE))."""
-    try:
+    dest/knhk_base with its imports (and its own package name, `resources.files("knhk_stream")`)
+    rewritten (put dest on sys.path and use Pkg(BASE))."""
+    try:  # the whole tree: old layouts link knhk_stream/schemas and topics to ../schemas, ../topics
         data = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", "--format=tar", ref, "knhk_stream"],
+            ["git", "-C", str(ROOT), "archive", "--format=tar", ref],
             check=True,
             capture_output=True,
         ).stdout
@@ -51,7 +52,7 @@ def extract_ref(ref: str, dest: Path) -> Path | None:
     base = dest / BASE
     if base.exists():
         shutil.rmtree(base)
-    shutil.copytree(raw / "knhk_stream", base)
+    shutil.copytree(raw / "knhk_stream", base)  # the links followed: the package data is in the copy
     for py in base.rglob("*.py"):
         text = py.read_bytes()
         new = _NAME.sub(BASE.encode(), text)
