@@ -125,10 +125,24 @@ class Worker:
         # The start-up checks, before the consumer group is joined. The peer id and keys first (no I/O) ...
         self.telemetry = telemetry or Telemetry(None)
         PeerEngine(settings, peer_id, key)  # ValueError: not a peer of the settings, or the wrong key
+        deadline = time.monotonic() + options.start_timeout_s
+        self.client_log = ClientLog()
+        config: dict[str, Any] = {**self.client_log.config(), **options.kafka_config}
+        admin = Admin(options.bootstrap, config, self.client_log)
+        # ... then (protocol "Beats") a deltas topic whose timestamps the broker's clock sets, before
+        # anything is set up; a broker that does not answer is waited for ...
+        if options.allow_producer_timestamps:
+            log.warning(
+                "--allow-producer-timestamps: not checking that %s uses LogAppendTime; producers' timestamps "
+                "drive the beats (only for a development broker whose producers are trusted)",
+                options.topics.deltas.name,
+            )
+        else:
+            self._await_start("Kafka", options.bootstrap, deadline, (KafkaUnreachable,),
+                              lambda: self._log_append_time(config))  # fmt: skip
         # ... then Redis: without it no shard can be taken, and a worker that joined anyway would hold
         # shards it cannot serve. An outage (a restart while Redis is down) is waited out, up to
         # start_timeout_s; then redis.ConnectionError, with the address, goes to the caller ...
-        deadline = time.monotonic() + options.start_timeout_s
 
         def connect() -> None:
             node = PeerNode.connect(
@@ -138,22 +152,10 @@ class Worker:
             self.node = node
 
         self._await_start("Redis", options.redis_url, deadline, (RedisConnectionError, RedisTimeoutError), connect)
-        # ... then Kafka: the three topics, one partition per shard each, and (protocol "Beats") a
-        # deltas topic whose timestamps the broker's clock sets.
-        self.client_log = ClientLog()
-        config: dict[str, Any] = {**self.client_log.config(), **options.kafka_config}
-        admin = Admin(options.bootstrap, config, self.client_log)
+        # ... then the three topics, one partition per shard each (Kafka waited for, if it has not been yet).
         self._await_start("Kafka", options.bootstrap, deadline, (KafkaUnreachable,),
                           lambda: self._kafka_answers(admin, deadline))  # fmt: skip
         check_peer_topics(admin, options.topics, KAFKA_CHECK_S)
-        if options.allow_producer_timestamps:
-            log.warning(
-                "--allow-producer-timestamps: not checking that %s uses LogAppendTime; producers' timestamps "
-                "drive the beats (only for a development broker whose producers are trusted)",
-                options.topics.deltas.name,
-            )
-        else:
-            require_log_append_time(options.bootstrap, options.topics.deltas.name, timeout=KAFKA_CHECK_S, admin=admin)
         self._watch_timestamps = not options.allow_producer_timestamps
         self.group_id = options.group_id or f"knhk.{settings.chain_id}.{peer_id}"
         common: dict[str, Any] = {"bootstrap.servers": options.bootstrap, "error_cb": self._on_kafka_error, **config}
@@ -237,6 +239,15 @@ class Worker:
                         left,
                     )
                 self._stop.wait(min(0.5, left))
+
+    def _log_append_time(self, config: dict[str, Any]) -> None:
+        """require_log_append_time; a broker that did not answer (its configs unreadable) is KafkaUnreachable."""
+        try:
+            require_log_append_time(self.opts.bootstrap, self.topics.deltas.name, config, KAFKA_CHECK_S)
+        except TopicsError as e:
+            if str(e).startswith("cannot read"):  # log_append_time_problem of an exception: no answer
+                raise KafkaUnreachable(str(e)) from None
+            raise
 
     @staticmethod
     def _kafka_answers(admin: Admin, deadline: float) -> None:
