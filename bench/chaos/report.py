@@ -173,9 +173,9 @@ def markdown(figs: dict[str, Any], violations: list[dict[str, Any]]) -> str:
         f"end) p50 {_f(q['p50'])} ms, p99 {_f(q['p99'])} ms over {q['n']} entries.",
         "",
         "Recovery is measured from the moment the fault is lifted (restart, SIGCONT, Redis back, burst acknowledged): "
-        "worker faults and the faulty hook until the peer's votes agree with the committed entry on every shard at "
-        "the head it had then; Redis, broker and vote garbage until every shard has committed past that head; bad "
-        "deltas until the whole burst is committed; reader kill until the group has handed out every head.",
+        "worker faults and the faulty hook until the peer's votes agree with the committed entry on every shard for a "
+        "beat after the head it had then; Redis, broker and vote garbage until every shard has committed past that "
+        "head; bad deltas until the whole burst is committed; reader kill until the group has handed out every head.",
         "",
         "| invariant | violations |",
         "| --- | ---: |",
