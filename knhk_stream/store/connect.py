@@ -57,10 +57,14 @@ def split_url(url: str) -> tuple[str, Durability]:
 
 
 def is_cluster(client: redis.Redis) -> bool:
+    """Ask the server; a server that cannot be reached yet is taken as a single server, so that a
+    client can be made while Redis is down (the caller's first command says it is unreachable)."""
     try:
         return int(client.info("cluster").get("cluster_enabled", 0)) == 1
     except redis.ResponseError:
         return False  # a server or proxy without INFO cluster
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
 
 
 def connect(url: str, **kwargs: Any) -> tuple[redis.Redis | RedisCluster, Durability]:
