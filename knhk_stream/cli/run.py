@@ -73,16 +73,9 @@ DEV_PORT = 9092  # `dev`'s broker port when it is free: the default of every com
     default=500_000,
     show_default=True,
     envvar="KNHK_MAX_OPEN_BEAT_DELTAS",
-    help="A shard whose open beat holds more deltas stops reading, loudly (a record stamped far in the future "
-    "keeps its beat open for ever) instead of exhausting memory (env KNHK_MAX_OPEN_BEAT_DELTAS).",
-)
-@click.option(
-    "--max-open-beat-bytes",
-    type=click.IntRange(min=1),
-    default=256 * 2**20,
-    show_default=True,
-    envvar="KNHK_MAX_OPEN_BEAT_BYTES",
-    help="The same bound on the bytes of the open beat's record values (env KNHK_MAX_OPEN_BEAT_BYTES).",
+    help="A shard whose open beat holds more deltas (their receipts are held until it closes) stops reading, "
+    "loudly (a record stamped far in the future keeps its beat open for ever) instead of exhausting memory "
+    "(env KNHK_MAX_OPEN_BEAT_DELTAS).",
 )
 @click.option(
     "--start-timeout",
@@ -137,7 +130,6 @@ def worker(
     otel,
     log_level,
     max_open_beat_deltas,
-    max_open_beat_bytes,
 ) -> None:
     """Run one worker process of one peer (several with one peer id split the shards).
 
@@ -182,7 +174,7 @@ def worker(
             markers=not no_markers,
             allow_producer_timestamps=allow_producer_timestamps,
             start_timeout_s=start_timeout,
-            limits=NodeLimits(max_open_beat_deltas=max_open_beat_deltas, max_open_beat_bytes=max_open_beat_bytes),
+            limits=NodeLimits(max_open_beat_deltas=max_open_beat_deltas),
         )
         try:
             held.append(Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel)))

@@ -120,10 +120,9 @@ def now_ms() -> int:
 class NodeLimits:
     """What a peer holds and how often it looks, whatever others send or write."""
 
-    # An open beat that passes either bound stops the shard loudly instead of exhausting
-    # memory (a record stamped far in the future keeps its beat open for ever).
+    # An open beat (its receipts are held until it closes) that passes this bound stops the shard
+    # loudly instead of exhausting memory (a record stamped far in the future keeps it open for ever).
     max_open_beat_deltas: int = 500_000
-    max_open_beat_bytes: int = 256 * 2**20
     republish_s: float = 5.0  # committed roots still unpublished after this long are published again
     head_check_s: float = 2.0  # how often the committed head in Redis is compared with this peer's
     health_s: float = 5.0  # how often this peer's report on its shards is written (status reads it)
@@ -181,18 +180,6 @@ def evidence_out(evidence: dict[str, Any]) -> Outbound:
     return Outbound(evidence["shard"], key, json.dumps(evidence, separators=(",", ":")).encode())
 
 
-@dataclass
-class _OpenSize:
-    """Bytes of the values fed into a shard's open beat (approximate by at most `_SIZE_CHECK` records)."""
-
-    cycle: int | None = None
-    bytes: int = 0
-    unchecked: int = 0
-
-
-_SIZE_CHECK = 64  # records between looks at the open beat's cycle and delta count
-
-
 class PeerNode:
     """One peer's logic for the shards it holds, driven by a caller that owns the Kafka I/O."""
 
@@ -233,7 +220,6 @@ class PeerNode:
         self._epoch_findings: set[str] = set()
         # what keeps hostile input and hostile storage from stopping or misleading this peer
         self._bad: dict[tuple[str, int], list[int]] = {}  # (topic, shard) -> [minute, logged, skipped, count]
-        self._open_size: dict[int, _OpenSize] = {}
         self._halted: dict[int, str] = {}  # shard -> why it stopped reading (open beat too large)
         self._new_halts: list[int] = []
         self._blocked: dict[int, str] = {}  # shard -> why nothing is committed on it (untrusted Redis state)
@@ -287,7 +273,6 @@ class PeerNode:
         self._redis_available()
         self.engine.assign(shard, point)
         self._halted.pop(shard, None)
-        self._open_size[shard] = _OpenSize()
         if head is not None:
             self._remember(head)
             self._advance(shard, head.entry.cycle, head.entry_hash)
@@ -307,7 +292,7 @@ class PeerNode:
         self.flush_checkpoints()
         self._write_health([shard])
         self.engine.revoke(shard)
-        for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked, self._open_size,
+        for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked,
                           self._halted, self._blocked, self._recent, self._forged_checkpoint,
                           self._republish_upto, self._roots_read, self._alarms):  # fmt: skip
             per_shard.pop(shard, None)
@@ -319,6 +304,8 @@ class PeerNode:
         """Own checkpoint (if its signature verifies), else right after the committed head (if its quorum
         verifies), else the chain's start offset. Also returns the verified committed head."""
         head, problem = read_head_entry(self.store, self.settings, shard)
+        if problem is not None and self.refresh_epochs():  # signed in an epoch applied since this peer looked
+            head, problem = read_head_entry(self.store, self.settings, shard)
         if problem is not None:
             self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer neither resumes from "
                         "it nor builds on it, and commits nothing on this shard until the head in Redis verifies "
@@ -410,39 +397,30 @@ class PeerNode:
                 if self.telemetry.enabled and beat is not None:
                     for code, k in rejections_by_code(beat.receipts).items():
                         rejected[code] = rejected.get(code, 0) + k
-            size = self._open_size.get(shard) or self._open_size.setdefault(shard, _OpenSize())
-            size.bytes += len(r.value) if r.value else 0
-            size.unchecked += 1
-            if (
-                size.unchecked >= _SIZE_CHECK or size.bytes > self.limits.max_open_beat_bytes
-            ) and self._check_open_beat(shard, size, r):
-                held.discard(shard)
+        for shard in held:  # once a batch: an open beat overshoots its bound by at most one batch
+            self._check_open_beat(shard)
         self.stats["deltas"] += n
         self.stats["votes"] += len(votes)
         self.telemetry.deltas_processed(n, rejected)
         return votes
 
-    def _check_open_beat(self, shard: int, size: _OpenSize, r: Record) -> bool:
-        """Whether the shard's open beat has grown past its bounds (then the shard halts); resets the counts."""
+    def _check_open_beat(self, shard: int) -> bool:
+        """Whether the shard's open beat holds more deltas than its bound (then the shard halts)."""
         cycle, first, deltas = self.engine.open_beat(shard)
-        if cycle != size.cycle:  # a new beat since the last look: count from this record (at most 63 off)
-            size.cycle, size.bytes = cycle, len(r.value) if r.value else 0
-        size.unchecked = 0
         lim = self.limits
-        if deltas <= lim.max_open_beat_deltas and size.bytes <= lim.max_open_beat_bytes:
+        if deltas <= lim.max_open_beat_deltas:
             return False
         assert cycle is not None
         starts = cycle * beat_ms(self.settings.tick_ms)
         ahead = starts - now_ms()
         when = f"{ahead / 86_400_000:,.0f} days in the future" if ahead > 86_400_000 else f"{-ahead} ms ago"
         reason = (
-            f"the open beat of cycle {cycle} (from offset {first}) holds {deltas} deltas and {size.bytes} bytes, more "
-            f"than the bounds (--max-open-beat-deltas {lim.max_open_beat_deltas}, --max-open-beat-bytes "
-            f"{lim.max_open_beat_bytes}); that beat starts {when}. A record stamped far in the future keeps a beat "
-            "open until a record of a later cycle comes. This shard stops reading here, skipping nothing: check "
-            "that the deltas topic uses message.timestamp.type=LogAppendTime and the producers' clocks, and "
-            f"look at offset {first}. After a restart it resumes at its last beat boundary and stops here again "
-            "unless the bounds are raised"
+            f"the open beat of cycle {cycle} (from offset {first}) holds {deltas} deltas, more than the bound "
+            f"(--max-open-beat-deltas {lim.max_open_beat_deltas}); that beat starts {when}. A record stamped far in "
+            "the future keeps a beat open until a record of a later cycle comes. This shard stops reading here, "
+            "skipping nothing: check that the deltas topic uses message.timestamp.type=LogAppendTime and the "
+            f"producers' clocks, and look at offset {first}. After a restart it resumes at its last beat boundary "
+            "and stops here again unless the bound is raised"
         )
         self._halted[shard] = reason
         self._new_halts.append(shard)
@@ -728,6 +706,8 @@ class PeerNode:
         if got is REDIS_DOWN:
             return REDIS_DOWN
         head, problem = got
+        if problem is not None and self.refresh_epochs():  # signed in an epoch applied since this peer looked
+            return self._check_head(shard)
         if problem is not None:
             self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer commits nothing on "
                         "this shard until the head in Redis verifies again (someone who can write Redis changed "
