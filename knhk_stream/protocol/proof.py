@@ -398,7 +398,7 @@ def verify_bundle(bundle: dict[str, Any], settings: ChainSettings) -> BundleChec
     return BundleCheck(
         True,
         None,
-        f"offset {p.offset} of shard {p.shard} is receipt {p.leaf_index + 1} of {p.tree_size} in the beat of "
+        f"offset {p.offset} of shard {p.shard} is leaf {p.leaf_index} of {p.tree_size} in the beat of "
         f"cycle {p.cycle}, committed by a quorum of chain {p.chain_id!r}",
         steps,
     )
