@@ -170,9 +170,14 @@ class Injector:
             finally:
                 if fault.lifted_ms is None:
                     fault.lifted_ms = now_ms()
+                fault.lifted.set()
+                # A worker is free for the next fault only once it holds shards again (Fleet.wait_joined).
+                for name in holds:
+                    p = self.c.fleet.procs.get(name)
+                    if p is not None and p.role == "worker" and p.alive:
+                        self.c.fleet.wait_joined(name)
                 with self.lock:
                     self.busy.difference_update(holds)
-                fault.lifted.set()
             try:
                 if fault.error is None:
                     self._await_recovery(fault)
@@ -212,6 +217,8 @@ class Injector:
         self._lift(fault)
 
     def _terminate(self, name: str, fault: Fault) -> None:
+        if not self.c.fleet.wait_joined(name):
+            fault.detail.setdefault("sigterm_before_join", []).append(name)
         rc, secs = self.c.fleet.terminate(name)
         fault.detail.setdefault("sigterm", []).append({"worker": name, "rc": rc, "seconds": round(secs, 2)})
         if rc != 0:
@@ -223,6 +230,7 @@ class Injector:
             )
 
     def _worker_term(self, fault: Fault, rng: random.Random) -> None:
+        self.c.fleet.wait_joined(fault.target)
         beat = 8 * self.c.settings.tick_ms
         into = rng.uniform(0.3, 0.7) * beat
         wait = (into - time.time() * 1000 % beat) % beat

@@ -104,6 +104,7 @@ class Proc:
     peak_rss_mb: float = 0.0
     pids: list[int] = field(default_factory=list)
     cpu_s: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds at its last sample
+    log_mark: int = 0  # size of its log when it was last started or continued
     exits: list[dict[str, object]] = field(default_factory=list)  # every exit: rc, expected, at_ms
 
     @property
@@ -166,6 +167,7 @@ class Fleet:
             p = self.procs[name]
             if p.alive:
                 raise RuntimeError(f"{name} is running")
+            p.log_mark = self._log_size(name)
             if p.role == "worker":
                 p.settings = settings or p.settings or self.settings_path
                 extra = ("--allow-producer-timestamps", "--group-id", f"knhk.{self.topic_prefix}.{p.peer}")
@@ -262,8 +264,40 @@ class Fleet:
         with self.lock:
             p = self.procs[name]
             if p.popen is not None and p.stopped:
+                p.log_mark = self._log_size(name)
                 p.popen.send_signal(signal.SIGCONT)
             p.stopped = False
+
+    def _log_size(self, name: str) -> int:
+        try:
+            return (self.workdir / f"{name}.log").stat().st_size
+        except OSError:
+            return 0
+
+    def joined(self, name: str) -> bool:
+        """Whether the process took shards since it was last started or continued (its group join is done)."""
+        p = self.procs[name]
+        try:
+            with open(self.workdir / f"{name}.log", "rb") as f:
+                f.seek(p.log_mark)
+                text = f.read()
+        except OSError:
+            return False
+        return (b"resume at offset" if p.role == "worker" else b"from offset") in text
+
+    def wait_joined(self, name: str, timeout: float = 30) -> bool:
+        """Until `joined(name)`, the process exits, or `timeout`; whether it joined.
+
+        Tansu limit: a member that leaves its group (SIGTERM) while a rebalance is under way can leave
+        the group never assigning partitions again, so the campaign SIGTERMs only members that joined.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            p = self.procs[name]
+            if not p.alive or self.joined(name):
+                return p.alive
+            time.sleep(0.2)
+        return False
 
     # -- watching ---------------------------------------------------------------------------
 
