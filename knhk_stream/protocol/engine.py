@@ -174,12 +174,13 @@ class PeerEngine:
         for c in [c for c in state.recent if c <= cycle]:
             del state.recent[c]
         last = state.last_beat.cycle if state.last_beat is not None else None
-        if own is not None and own.entry_hash == entry_hash:
-            return []
         if last is None or last < cycle:
             return []  # this beat is not closed here yet: _vote follows the committed entry then
-        if own is not None or last == cycle:
-            state.dissents += 1
+        if own is None or own.entry_hash == entry_hash:
+            # agreed, or committed history this peer holds no own vote of (resumed after it, or voted on it
+            # knowing the commit): its later entries do not follow this one, so nothing is re-chained
+            return []
+        state.dissents += 1
         prev = entry_hash
         votes: list[Vote] = []
         for c in later:
