@@ -82,9 +82,14 @@ def test_a_restarted_peer_does_not_rechain_its_votes_from_commits_before_its_res
     skips beats 785..787: signed by a quorum, the Lua append (prev = head, cycle > head's) would
     commit it, and those beats' receipts would never be in the chain.
 
+    It needs no crash: in a 2.5-minute campaign (seed 2) a rebalance of peer-a's group moved shards
+    between its two workers while the head lagged 5 beats (peer-b faulty, peer-d killed); both workers
+    resumed "after cycle ...755" with the head at 750, re-signed on each of the commits 751..755, and
+    peer-a's own detector logged "EQUIVOCATION: peer peer-a signed two successors of entry ...".
+
     Cause: PeerEngine.on_committed (knhk_stream/protocol/engine.py) re-chains every later vote
     whenever it has no own entry of the committed cycle in memory, which is always the case for
-    cycles at or before the resume point of a restarted worker.
+    cycles at or before the resume point of a worker that (re)took the shard.
     """
     from bench.load import four_peer_keys
     from knhk_stream.protocol.decode import Delta, Triple, encode_json
