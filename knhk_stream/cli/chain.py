@@ -43,7 +43,11 @@ def chain_show(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, li
     rows = []
     for s in shards_of(store, shard):
         entries = store.range(s, from_cycle, to_cycle)
-        rows += entries[-limit:] if limit > 0 else entries
+        kept = entries[-limit:] if limit > 0 else entries
+        if len(kept) < len(entries):
+            click.echo(f"shard {s}: the last {len(kept)} of {len(entries)} entries (--limit {limit}; 0 for all)",
+                       err=True)  # fmt: skip
+        rows += kept
     if as_json:
         for ce in rows:
             click.echo(json.dumps(ce.to_json(), separators=(",", ":")))
@@ -140,6 +144,9 @@ def chain_verify(
                 pins[r.shard] = Pin(r.head.cycle, r.head.entry_hash)
         save_pins(pin_path, settings.chain_id, prefix, pins)
     if as_json:
+        if not reports:
+            click.echo(json.dumps({"chain_id": settings.chain_id, "prefix": prefix, "ok": False,
+                                   "problem": "no chain under this prefix in Redis"}))  # fmt: skip
         for r in reports:
             out = r.to_json()
             if roots is not None:

@@ -65,3 +65,22 @@ def test_bad_settings_give_one_clear_line(tmp_path):
     result = CliRunner().invoke(main, ["chain", "verify", "--settings", str(path)])
     assert result.exit_code == 1
     assert "peers[0].public_key" in result.output and "Traceback" not in result.output
+
+
+def test_chain_show_says_what_limit_dropped_and_verify_json_says_when_there_is_no_chain(
+    tmp_path, redis_url, redis_prefix, settings, peer_keys
+):
+    path = tmp_path / "chain.toml"
+    path.write_text(settings.to_toml())
+    store = LockchainStore.from_url(redis_url, settings.chain_id, redis_prefix)
+    for ce in make_chain(settings, peer_keys, 12, shard=1):
+        store.append(ce)
+    base = ["--settings", str(path), "--redis", redis_url, "--prefix", redis_prefix]
+    shown = CliRunner().invoke(main, ["chain", "show", *base, "--limit", "5", "--json"])
+    assert shown.exit_code == 0
+    assert len(shown.stdout.splitlines()) == 5
+    assert "shard 1: the last 5 of 12 entries (--limit 5; 0 for all)" in shown.stderr
+    empty = CliRunner().invoke(main, ["chain", "verify", *base[:4], "--prefix", redis_prefix + "-none", "--json"])
+    assert empty.exit_code == 1
+    assert json.loads(empty.stdout) == {"chain_id": settings.chain_id, "prefix": redis_prefix + "-none", "ok": False,
+                                        "problem": "no chain under this prefix in Redis"}  # fmt: skip
