@@ -126,7 +126,7 @@ class NodeLimits:
     republish_s: float = 5.0  # committed roots still unpublished after this long are published again
     head_check_s: float = 2.0  # how often the committed head in Redis is compared with this peer's
     health_s: float = 5.0  # how often this peer's report on its shards is written (status reads it)
-    recent_entries: int = 4096  # committed entries kept per shard, to re-append them after a truncation
+    recent_entries: int = 1024  # committed entries kept per shard (about 1 KiB each), to re-append after a truncation
     roots_retry_s: float = 30.0  # reading the roots topic again to repair a shard, at most this often
 
 

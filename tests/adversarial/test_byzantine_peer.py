@@ -60,6 +60,7 @@ def test_forged_checkpoints_cannot_make_peers_skip_input(cluster: Cluster):
     # Honest checkpoint writes were not refused: each peer's checkpoint is its own, signed, and moves on.
     for peer in ("peer-a", "peer-b", "peer-c"):
         pub = public_key_bytes(load_private_key(cluster.workdir / f"{peer}.pem"))
+
         def own(p: str = peer, k: bytes = pub) -> bool:
             cps = [load_checkpoint(cluster.store, p, s) for s in range(SHARDS)]
             return all(cp is not None and cp.next_offset < 10**9 and checkpoint_verifies("knhk", p, s, cp, [k])

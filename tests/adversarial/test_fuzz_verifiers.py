@@ -44,8 +44,24 @@ hostile = st.one_of(
     st.text(max_size=80),
     st.binary(max_size=80),
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
-    st.sampled_from(["", "-1", "nan", "1e400", "[]", "{}", "null", "00" * 31, "zz" * 32, "\ud800", "[{}]",
-                     '[{"peer_id": 1, "signature": "00"}]', "18446744073709551616", " 7"]),
+    st.sampled_from(
+        [
+            "",
+            "-1",
+            "nan",
+            "1e400",
+            "[]",
+            "{}",
+            "null",
+            "00" * 31,
+            "zz" * 32,
+            "\ud800",
+            "[{}]",
+            '[{"peer_id": 1, "signature": "00"}]',
+            "18446744073709551616",
+            " 7",
+        ]
+    ),
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -136,6 +136,7 @@ def test_far_future_timestamp_halts_the_shard_loudly_and_again_after_a_restart(c
         return {p: h["halted"] for p, h in health(cluster, 0).items() if h.get("halted")}
 
     wait(lambda: len(halted()) == len(cluster.settings.peers), 60, "every peer to halt shard 0", halted)
+
     def receipts(s: int) -> int:
         return sum(ce.entry.receipt_count for ce in cluster.store.range(s))
 
