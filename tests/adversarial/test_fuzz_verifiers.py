@@ -287,7 +287,8 @@ def test_evidence_and_pin_files_that_are_not_ours_are_findings(settings, tmp_pat
 def test_hostile_checkpoints_cannot_be_read_and_say_so(fresh_store, fields):
     store = fresh_store([])
     if fields:
-        store.client.hset(store.keys(0).checkpoint("peer-a"), mapping=fields)
+        raw = {k: v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v for k, v in fields.items()}
+        store.client.hset(store.keys(0).checkpoint("peer-a"), mapping=raw)  # Redis holds bytes
     try:
         load_checkpoint(store, "peer-a", 0)
     except ValueError as e:

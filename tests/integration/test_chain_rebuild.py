@@ -16,8 +16,9 @@ from tests.support.cluster import SHARDS, Cluster
 def committed(tmp_path_factory, broker, redis_url) -> Iterator[Cluster]:
     c = Cluster(tmp_path_factory.mktemp("rebuild"), broker.bootstrap, redis_url)
     c.start_all()
-    c.produce(1200, rate=1500)
+    c.produce(1200, rate=300)  # about four seconds: several beats per shard (a beat is 1 s at tick_ms 125)
     c.wait_all_committed()
+    assert all(len(c.store.range(s)) >= 3 for s in range(SHARDS)), "the rebuild tests need several entries"
     c.stop_all()
     yield c
     c.close()
