@@ -47,7 +47,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--tick-search", default=None, help="tick_ms values to try when 1 ms is not sustained (default 2,4,8,16,32,64)"
     )
     ap.add_argument(
-        "--memory-seconds", type=float, default=None, help="length of the memory run (default 300; --quick 30)"
+        "--memory-seconds", type=float, default=None, help="length of the memory soak (default 1800; --quick 30)"
+    )
+    ap.add_argument(
+        "--memory-sample-s", type=float, default=None, help="RSS sampling interval of the soak (default 10; --quick 1)"
+    )
+    ap.add_argument(
+        "--stall-beats", type=int, default=None, help="beats of a stalled shard's votes (default 20,000; --quick 3,000)"
     )
     ap.add_argument("--memory-rate", type=int, default=5000, help="steady produce rate for the memory run")
     ap.add_argument(
@@ -81,7 +87,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     args.runs = args.runs or (2 if q else 3)
     args.deltas = args.deltas or (20_000 if q else 100_000)
     args.latency_seconds = args.latency_seconds or (8.0 if q else 20.0)
-    args.memory_seconds = args.memory_seconds or (30.0 if q else 300.0)
+    args.memory_seconds = args.memory_seconds or (30.0 if q else 1800.0)
+    args.memory_sample_s = args.memory_sample_s or (1.0 if q else 10.0)
+    args.stall_beats = args.stall_beats or (3_000 if q else 20_000)
     args.redis_entries = args.redis_entries or (2_000 if q else 10_000)
     args.audit_entries = args.audit_entries or (2_000 if q else 20_000)
     default_search = "16" if q else "2,4,8,16,32,64"
