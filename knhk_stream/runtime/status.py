@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from knhk_stream.kafka.topics import Topics
+from knhk_stream.protocol.engine import is_marker
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.lockchain import (
     LockchainStore,
@@ -28,6 +30,7 @@ from knhk_stream.store.lockchain import (
 
 ALARM_SHOWN_MS = 3_600_000  # alarms a peer reported within the last hour are shown (and make status exit 3)
 REPORT_STALE_MS = 60_000  # a peer's report older than this is shown as stale
+LAG_SCAN_MAX = 200_000  # records read per shard to count lag in deltas; a peer further behind: offsets
 
 
 @dataclass
@@ -35,8 +38,8 @@ class PeerProgress:
     peer_id: str
     voted_cycle: int | None = None
     state: str = "no vote yet"  # agrees | DISSENTS | ahead | no vote yet | BAD CHECKPOINT
-    lag: int | None = None  # records behind the high watermark
-    lag_lso: int | None = None  # records behind the last stable offset (what read_committed peers can read)
+    lag: int | None = None  # deltas behind the high watermark (tick markers and control records not counted)
+    lag_lso: int | None = None  # deltas behind the last stable offset (what read_committed peers can read)
     report: dict[str, Any] | None = None  # what the peer wrote about the shard (halts, alarms, counts)
 
 
@@ -72,14 +75,25 @@ class KafkaView:
     stable: dict[int, int] = field(default_factory=dict)  # deltas topic last stable offsets
     committed: dict[tuple[str, int], int] = field(default_factory=dict)  # (peer, shard) -> group offset
     evidence: dict[int, list[Any]] = field(default_factory=dict)  # shard -> evidence objects (unverified)
+    scanned_from: dict[int, int] = field(default_factory=dict)  # shard -> first offset read to count deltas
+    delta_offsets: dict[int, list[int]] = field(default_factory=dict)  # shard -> offsets of deltas read (sorted)
 
+    def lag(self, shard: int, committed: int) -> tuple[int | None, int | None]:
+        """(lag from the high watermark, lag from the last stable offset) of a group at `committed`, in deltas.
 
-def kafka_positions(
-    bootstrap: str, topics: Topics, settings: ChainSettings, kafka_config: dict[str, Any] | None = None
-) -> tuple[dict[int, int], dict[tuple[str, int], int]]:
-    """High watermarks of the deltas topic (from fetches) and each peer group's committed offsets."""
-    view = kafka_view(bootstrap, topics, settings, kafka_config, evidence=False)
-    return view.watermarks, view.committed
+        Kafka users read lag 0 as "caught up": tick markers (which a peer's committed
+        offset stays behind while its beat is open) and transaction control records
+        are not input, so only deltas are counted. Where the scan did not reach back
+        to `committed`, or records past the last stable offset cannot be read, those
+        are counted as offsets.
+        """
+        hw, lso = self.watermarks.get(shard), self.stable.get(shard)
+        start = self.scanned_from.get(shard)
+        if start is None or committed < start or lso is None:
+            return (None if hw is None else max(0, hw - committed)), (None if lso is None else max(0, lso - committed))
+        offsets = self.delta_offsets.get(shard, [])
+        behind = len(offsets) - bisect_left(offsets, committed)
+        return (None if hw is None else behind + max(0, hw - max(lso, committed))), behind
 
 
 def kafka_view(
@@ -120,15 +134,23 @@ def kafka_view(
         starts = {}
         for p in range(n):
             known = [off for (_pid, s), off in view.committed.items() if s == p]
-            starts[p] = max(0, max(known) - 1) if known else OFFSET_BEGINNING
+            # from the group furthest behind (within LAG_SCAN_MAX of the furthest on), to count its lag in deltas
+            near = [k for k in known if k >= max(known) - LAG_SCAN_MAX] if known else []
+            starts[p] = max(0, min(near) - 1) if near else OFFSET_BEGINNING
         c.assign([TopicPartition(topics.deltas.name, p, starts[p]) for p in range(n)])
         deadline = time.monotonic() + 10
         while len(view.stable) < n and time.monotonic() < deadline:
-            for m in c.consume(500, timeout=0.2):
+            for m in c.consume(5000, timeout=0.2):
                 p = m.partition()
                 err = m.error()
                 if p in view.stable or (err is not None and err.code() != KafkaError._PARTITION_EOF):
                     continue
+                if err is None:
+                    view.scanned_from.setdefault(p, max(0, starts[p]))
+                    if not is_marker(m.headers(), m.value()):
+                        view.delta_offsets.setdefault(p, []).append(m.offset())
+                else:
+                    view.scanned_from.setdefault(p, m.offset())  # nothing to read from the start
                 _low, high = c.get_watermark_offsets(TopicPartition(topics.deltas.name, p), cached=True)
                 if high >= 0:
                     view.watermarks[p] = high
@@ -169,12 +191,8 @@ def shard_status(
     store: LockchainStore,
     settings: ChainSettings,
     shard: int,
-    watermarks: dict[int, int] | None = None,
-    committed: dict[tuple[str, int], int] | None = None,
     kafka: KafkaView | None = None,
 ) -> ShardStatus:
-    if kafka is not None:
-        watermarks, committed = kafka.watermarks, kafka.committed
     st = ShardStatus(shard)
     try:
         head = store.head(shard)
@@ -192,8 +210,8 @@ def shard_status(
             st.head_age_s = round(time.time() - ce.committed_at_ms / 1000, 1)
     st.stalled = get_stall(store, shard)
     _evidence(st, settings, get_evidence(store, shard) + list((kafka.evidence if kafka else {}).get(shard, [])))
-    st.high_watermark = (watermarks or {}).get(shard)
     if kafka is not None:
+        st.high_watermark = kafka.watermarks.get(shard)
         st.last_stable_offset = kafka.stable.get(shard)
     reports = get_health(store, shard)
     t = int(time.time() * 1000)
@@ -216,11 +234,9 @@ def shard_status(
                 except (ValueError, KeyError, TypeError):
                     mine = None
                 pp.state = "agrees" if mine is not None and mine.entry_hash == cp.entry_hash else "DISSENTS"
-        off = (committed or {}).get((peer.id, shard))
-        if off is not None and st.high_watermark is not None:
-            pp.lag = max(0, st.high_watermark - off)
-        if off is not None and st.last_stable_offset is not None:
-            pp.lag_lso = max(0, st.last_stable_offset - off)
+        off = None if kafka is None else kafka.committed.get((peer.id, shard))
+        if off is not None and kafka is not None:
+            pp.lag, pp.lag_lso = kafka.lag(shard, off)
         report = reports.get(peer.id)
         if report is not None:
             pp.report = report

@@ -109,24 +109,36 @@ def test_status_reports_heads_and_agreement(cluster):
 
     from knhk_stream.cli.main import main
 
-    cluster.start_all()
-    cluster.produce(800, rate=2000)
-    cluster.wait_all_committed()
-    time.sleep(1)
-    result = CliRunner().invoke(main, [
-        "status", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
-        "--prefix", cluster.prefix, "--bootstrap", cluster.bootstrap, "--topic-prefix", cluster.topic_prefix, "--json",
-    ])  # fmt: skip
-    cluster.stop_all()
-    assert result.exit_code == 0, result.output
     import json
 
-    shards = [json.loads(line) for line in result.stdout.splitlines()]  # JSON Lines: one shard per line
+    for peer in cluster.settings.peers:  # the default groups, which status reads the lag of
+        cluster.start(peer.id, extra=("--group-id", f"knhk.{cluster.settings.chain_id}.{peer.id}"))
+    cluster.wait_joined(*(p.id for p in cluster.settings.peers))
+    cluster.produce(800, rate=2000)
+    cluster.wait_all_committed()
+
+    def run() -> tuple[int, list[dict]]:
+        result = CliRunner().invoke(main, [
+            "status", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
+            "--prefix", cluster.prefix, "--bootstrap", cluster.bootstrap, "--topic-prefix", cluster.topic_prefix,
+            "--json",
+        ])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result.exit_code, [json.loads(line) for line in result.stdout.splitlines()]  # one shard per line
+
+    # Idle shards read lag 0, as Kafka users expect: the tick markers after the last delta are not input.
+    cluster.wait_until(lambda: all(p["lag"] == 0 for st in run()[1] for p in st["peers"]), 60,
+                       "every peer's lag to read 0 once idle", lambda: [st["peers"] for st in run()[1]])  # fmt: skip
+    _code, shards = run()
+    markers = sum(1 for msgs in cluster.read_topic(cluster.topics.deltas.name).values() for m in msgs if m.headers())
+    cluster.stop_all()
+    assert markers > 0  # so the high watermark is ahead of what the groups committed
     assert len(shards) == SHARDS
     for st in shards:
         assert st["head_cycle"] is not None and not st["stalled"] and not st["equivocations"]
         assert all(p["state"] in ("agrees", "ahead") for p in st["peers"]), st["peers"]
         assert st["high_watermark"] > 0
+        assert all(p["lag"] == p["lag_lso"] == 0 for p in st["peers"]), st["peers"]
 
 
 def _faulty_settings(cluster: Cluster):
