@@ -20,6 +20,7 @@ from typing import Any
 import bench
 from bench.baseline import DEFAULT_BASELINE_REF
 from bench.cases import CASES
+from bench.cases.kilohertz import KILOHERTZ_BEFORE_REF
 from bench.cases.one import finish_targets
 from bench.cluster import running
 from bench.harness import Report, log
@@ -45,6 +46,14 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument(
         "--tick-search", default=None, help="tick_ms values to try when 1 ms is not sustained (default 2,4,8,16,32,64)"
+    )
+    ap.add_argument(
+        "--kilohertz-seconds", type=float, default=None, help="length of a tick_ms 1 run (default 60; --quick 10)"
+    )
+    ap.add_argument(
+        "--kilohertz-before",
+        default=KILOHERTZ_BEFORE_REF,
+        help=f"git ref of the tree the kilohertz case compares with (default {KILOHERTZ_BEFORE_REF}; '' to skip)",
     )
     ap.add_argument(
         "--memory-seconds", type=float, default=None, help="length of the memory soak (default 1800; --quick 30)"
@@ -87,6 +96,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     args.runs = args.runs or (2 if q else 3)
     args.deltas = args.deltas or (20_000 if q else 100_000)
     args.latency_seconds = args.latency_seconds or (8.0 if q else 20.0)
+    args.kilohertz_seconds = args.kilohertz_seconds or (10.0 if q else 60.0)
     args.memory_seconds = args.memory_seconds or (30.0 if q else 1800.0)
     args.memory_sample_s = args.memory_sample_s or (1.0 if q else 10.0)
     args.stall_beats = args.stall_beats or (3_000 if q else 20_000)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from bench.cases import audit, bare, core, four, memory, one, redis, redis_cluster, scale
+from bench.cases import audit, bare, core, four, kilohertz, memory, one, redis, redis_cluster, scale
 
 CASES: dict[str, ModuleType] = {
     "bare": bare,
@@ -20,4 +20,5 @@ CASES: dict[str, ModuleType] = {
     "redis": redis,
     "audit": audit,
     "redis-cluster": redis_cluster,
+    "kilohertz": kilohertz,  # issue 14: tick_ms 1 sustained, and the own/broker latency split, before and after
 }

@@ -35,6 +35,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
+from knhk_stream.runtime.latency_trace import LatencyTrace, wall_ms
 from knhk_stream.runtime.node import NodeLimits, Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
 from knhk_stream.runtime.telemetry import Telemetry
 
@@ -188,6 +189,10 @@ class Worker:
         self._undelivered: list[Vote] = []
         self._failed: list[str] = []
         self._roots_acked: list[CommittedEntry] = []
+        self._trace = LatencyTrace.from_env()  # off unless KNHK_STREAM_LATENCY_TRACE is set (the bench sets it)
+        if self._trace is not None and self.node.on_commit is None:
+            trace = self._trace
+            self.node.on_commit = lambda ce, _lat: trace.appended(ce.entry.shard, ce.entry.cycle, wall_ms())
 
     @property
     def stats(self) -> dict[str, int]:
@@ -297,6 +302,8 @@ class Worker:
             self.votes.close()
             self._flush(10)
             self._confirm_roots()
+            if self._trace is not None:
+                self._trace.close()
             self.telemetry.shutdown()
             log.info("worker of peer %s stopped", self.peer_id)
 
@@ -347,17 +354,24 @@ class Worker:
 
     def step(self) -> None:
         msgs = self.deltas.consume(self.opts.batch, timeout=0.05)
+        trace = self._trace
+        arrived = wall_ms() if trace is not None else 0.0
         self._report_kafka()
         if msgs:
             if self._watch_timestamps:
                 self._check_timestamp_type(msgs)
             for vote in self.node.process(records(msgs)):
+                if trace is not None:
+                    trace.vote(vote.entry.shard, vote.entry.cycle, arrived, wall_ms())
                 self._publish_vote(vote)
             for shard in self.node.take_halted():  # its open beat passed its bounds: read no more of it
                 self.deltas.pause([TopicPartition(self.topics.deltas.name, shard)])
         if self._undelivered:
             self._deliver_votes()
-        self.node.on_vote_records(records(self.votes.consume(10_000, timeout=0)))
+        vote_records = records(self.votes.consume(10_000, timeout=0))
+        if trace is not None and vote_records:
+            trace.votes_read(((r.partition, r.offset) for r in vote_records), wall_ms())
+        self.node.on_vote_records(vote_records)
         for ce in self.node.commit_ready():
             self._publish_root(ce)
         if self.opts.markers:
@@ -403,6 +417,8 @@ class Worker:
     def _on_vote_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._failed.append(f"{msg.key()!r}: {err}")
+        elif self._trace is not None:
+            self._trace.vote_acked(msg.partition(), msg.offset(), (msg.latency() or 0.0) * 1000)
 
     def _deliver_votes(self) -> None:
         """Wait until the votes are on the topic; only then move checkpoints and offsets.

@@ -1,0 +1,297 @@
+"""1 kHz ticks (issue 14): four peers (threshold 3), 4 shards, --rate deltas/s for --kilohertz-seconds at
+tick_ms 1 (a beat every 8 ms), and whose latency it is, at tick_ms 125 and 1: per commit the broker's
+share (the closing record's fetch, the quorum vote's produce -> ack and fetch) and ours (closing record
+arrived -> vote produced; quorum vote arrived -> append returned), from the workers' latency traces
+(`knhk_stream.runtime.latency_trace`). Each tick runs this tree and, in the same run, the tree at
+--kilohertz-before (before the per-beat work was cut). Every committed entry is verified afterwards.
+
+Ends with `kilohertz: tick_ms=<n> sustained=<true|false> commit_p99_ms=<x> own_p99_ms=<y>` for the
+shortest tick_ms tried (1; longer ticks are tried only to find the shortest sustained one)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from bench.baseline import extract_ref
+from bench.cases.latency import latency_stats
+from bench.cluster import PEERS, QUORUM, SHARDS, Committed, Env, Workers, chain_settings
+from bench.harness import Report, Result, log, percentile
+from bench.load import SteadyProducer
+from bench.profiling import PySpy, summarize_collapsed
+from knhk_stream.protocol.settings import ChainSettings
+from knhk_stream.runtime.latency_trace import TRACE_ENV
+from knhk_stream.store.lockchain import LockchainStore, verify_range
+
+NEEDS = "kafka"
+# The tree before the per-beat work was cut (issue 14): it has the latency trace, so its own share is
+# measured the same way. '' (--kilohertz-before '') skips the before runs.
+KILOHERTZ_BEFORE_REF = "HEAD"
+CASE = "9. 1 kHz"
+SHARES = ("own", "broker", "own_vote", "own_commit", "close_fetch", "vote_ack", "vote_fetch")
+
+
+def read_vote_index(bootstrap: str, topic: str) -> dict[tuple[int, int], tuple[int, str, bytes]]:
+    """(shard, votes-topic offset) -> (cycle, peer, entry hash) of every vote, read to the end."""
+    from knhk_stream.protocol.wire import WireError, decode_vote
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"votes-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    out: dict[tuple[int, int], tuple[int, str, bytes]] = {}
+    try:
+        c.assign([TopicPartition(topic, p, 0) for p in range(SHARDS)])
+        done: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(done) < SHARDS and time.monotonic() < deadline:
+            for m in c.consume(5000, timeout=0.5):
+                if m.error() is not None:
+                    if m.error().code() == KafkaError._PARTITION_EOF:
+                        done.add(m.partition())
+                    continue
+                try:
+                    v = decode_vote(m.value())
+                except WireError:
+                    continue
+                out[(m.partition(), m.offset())] = (v.entry.cycle, v.peer_id, v.entry_hash)
+    finally:
+        c.close()
+    return out
+
+
+class Traces:
+    """The latency-trace lines of every worker of a run, by peer."""
+
+    def __init__(self, files: dict[str, list[Path]]) -> None:
+        self.vote: dict[tuple[str, int, int], tuple[float, float]] = {}  # (peer, shard, cycle) -> arrived, produced
+        self.acked: dict[tuple[int, int], float] = {}  # (shard, votes offset) -> produce -> ack ms
+        self.read: dict[tuple[str, int, int], float] = {}  # (peer, shard, votes offset) -> arrived
+        self.appended: dict[tuple[int, int], float] = {}  # (shard, cycle) -> append returned
+        for peer, paths in files.items():
+            for path in paths:
+                for line in path.read_text().splitlines():
+                    f = line.split()
+                    if len(f) < 4:
+                        continue
+                    a, b = int(f[1]), int(f[2])
+                    if f[0] == "V":
+                        self.vote.setdefault((peer, a, b), (float(f[3]), float(f[4])))
+                    elif f[0] == "K":
+                        self.acked[(a, b)] = float(f[3])
+                    elif f[0] == "R":
+                        self.read.setdefault((peer, a, b), float(f[3]))
+                    elif f[0] == "A":
+                        self.appended[(a, b)] = float(f[3])
+
+
+def shares(
+    entries: list[Any], prod: SteadyProducer, traces: Traces, index: dict[tuple[int, int], tuple[int, str, bytes]]
+) -> dict[str, Any]:
+    """Per commit: where its latency after beat close went, split into the broker's share and ours.
+
+    For an entry appended by peer P whose quorum was completed (at P) by the vote of peer Q:
+    close_fetch = the closing record's ack -> it reached Q; own_vote = reached Q -> Q produced its vote;
+    vote_ack = Q's produce -> ack; vote_fetch = acked -> it reached P; own_commit = reached P -> P's
+    append returned. The broker's share is close_fetch + vote_ack + vote_fetch.
+    """
+    by_cycle: dict[tuple[int, int], list[tuple[int, str, bytes]]] = {}
+    for (shard, offset), (cycle, peer, h) in index.items():
+        by_cycle.setdefault((shard, cycle), []).append((offset, peer, h))
+    got: dict[str, list[float]] = {k: [] for k in SHARES}
+    for ce in entries:
+        e = ce.entry
+        ack = prod.acked.get((e.shard, e.last_offset + 1))
+        done = traces.appended.get((e.shard, e.cycle))
+        if ack is None or done is None:
+            continue
+        p = ce.committed_by
+        arrivals = sorted(
+            (t, off, q)
+            for off, q, h in by_cycle.get((e.shard, e.cycle), [])
+            if h == ce.entry_hash and (t := traces.read.get((p, e.shard, off))) is not None
+        )
+        if len(arrivals) < QUORUM:
+            continue
+        t_vote_in, off, q = arrivals[QUORUM - 1]
+        v = traces.vote.get((q, e.shard, e.cycle))
+        lat = traces.acked.get((e.shard, off))
+        if v is None or lat is None:
+            continue
+        arrived, produced = v
+        parts = {
+            "own_vote": produced - arrived,
+            "own_commit": done - t_vote_in,
+            "close_fetch": arrived - ack,
+            "vote_ack": lat,
+            "vote_fetch": t_vote_in - (produced + lat),
+        }
+        parts["own"] = parts["own_vote"] + parts["own_commit"]
+        parts["broker"] = parts["close_fetch"] + parts["vote_ack"] + parts["vote_fetch"]
+        for k in SHARES:
+            got[k].append(parts[k])
+    out: dict[str, Any] = {"commits_split": len(got["own"])}
+    for k in SHARES:
+        out[f"{k}_p50"] = percentile(got[k], 50)
+        out[f"{k}_p99"] = percentile(got[k], 99)
+    return out
+
+
+@contextmanager
+def before_tree(ref: str) -> Iterator[Path | None]:
+    """The knhk_stream tree at `ref` (git archive), to put on a worker's PYTHONPATH; None when ''."""
+    if not ref:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="knhk-bench-khz-"))
+    try:
+        pkg = extract_ref(ref, tmp)
+        yield pkg.parent if pkg is not None else None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def traced_run(
+    env: Env, args: argparse.Namespace, tick_ms: int, seconds: float, pythonpath: Path | None, profile: bool = False
+) -> dict[str, Any]:
+    """Four traced peers at --rate for `seconds`: latency_stats, the shares, and whether every entry verifies."""
+    tag = f"khz{tick_ms}{'b' if pythonpath else 'a'}"
+    with env.measurement(tag) as (prefix, topic_prefix, topics, wd):
+        settings_path = chain_settings(wd, PEERS, QUORUM, tick_ms)
+        store = LockchainStore.from_url(env.redis_url, "knhk", prefix)
+        with Workers(env, wd, prefix, topic_prefix, settings_path) as w:
+            for p in PEERS:
+                extra = {TRACE_ENV: str(wd / f"trace-{p}")}
+                if pythonpath is not None:
+                    extra["PYTHONPATH"] = str(pythonpath)
+                w.start(p, env_extra=extra)
+            w.wait_assigned(SHARDS * len(PEERS))
+            prof = env.workdir / f"profile_khz_tick{tick_ms}.txt"
+            spy = PySpy(w.procs["peer-a"].pid, prof) if profile else None
+            prod = SteadyProducer(env.bootstrap, topics.deltas.name, args.rate, seconds).start()
+            committed = Committed(store)
+            while prod.running():
+                w.check()
+                time.sleep(0.5)
+            prod.join()
+            if spy:
+                spy.stop()
+                (args.out / f"profile_kilohertz_tick{tick_ms}_summary.txt").write_text(
+                    f"py-spy, peer-a of four (threshold 3) at {args.rate:,} deltas/s, tick_ms {tick_ms}, "
+                    f"during the {seconds:.0f}s of steady load (idle samples excluded)\n\n"
+                    + summarize_collapsed(prof)
+                    + "\n"
+                )
+            try:
+                committed.wait(prod.produced, args.drain_timeout, w)
+            except RuntimeError:
+                committed.poll()
+        files = {p: sorted(wd.glob(f"trace-{p}.*")) for p in PEERS}
+        row = latency_stats(committed.entries, prod, tick_ms)
+        row.update(shares(committed.entries, prod, Traces(files), read_vote_index(env.bootstrap, topics.votes.name)))
+        settings = ChainSettings.from_toml(settings_path)
+        problems = 0
+        for s in range(SHARDS):
+            problems += len(verify_range(store, settings, s).problems)
+        row["entries_verified"] = len(committed.entries)
+        row["verify_problems"] = problems
+        row["sustained"] = bool(row["sustained"] and problems == 0)
+    return row
+
+
+def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str, Any] | None, ref: str) -> None:
+    label = f"tick_ms {tick_ms}"
+    for key, what in (
+        ("p50_close", "commit latency p50 after beat close"),
+        ("p99_close", "commit latency p99 after beat close"),
+        ("own_p50", "our own share p50 (record in -> vote produced, + quorum vote in -> append returned)"),
+        ("own_p99", "our own share p99"),
+        ("broker_p50", "the broker's share p50 (closing record fetch, vote produce -> ack, vote fetch)"),
+        ("broker_p99", "the broker's share p99"),
+        ("own_vote_p99", "own: closing record in -> vote produced, p99"),
+        ("own_commit_p99", "own: quorum vote in -> append returned, p99"),
+        ("close_fetch_p50", "broker: closing record acked -> reached the voter, p50"),
+        ("vote_ack_p50", "broker: vote produce -> ack, p50 (linger included)"),
+        ("vote_fetch_p50", "broker: vote acked -> reached the appender, p50"),
+    ):
+        if after.get(key) is None:
+            continue
+        rep.add(
+            Result(
+                CASE,
+                f"{label}: {what}",
+                "ms",
+                [after[key]],
+                f"the same at {ref} (before)" if before else None,
+                [before[key]] if before and before.get(key) is not None else [],
+                higher_is_better=False,
+                chart="latency" if key in ("own_p99", "p99_close") else None,
+                label=f"tick {tick_ms}: {key}",
+                note=(f"sustained: {after['sustained']}" + (f", before: {before['sustained']}" if before else ""))
+                if key == "p99_close"
+                else "",
+                extra={"after": after, "before": before} if key == "p99_close" else {},
+            )
+        )
+
+
+def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
+    ref = args.kilohertz_before
+    secs = args.kilohertz_seconds
+    log(f"9. 1 kHz: four peers, threshold 3, {args.rate:,} deltas/s; tick_ms 125 ({args.latency_seconds:.0f}s) and 1 "
+        f"({secs:.0f}s), this tree and {ref or 'no before'}")  # fmt: skip
+    results: dict[int, dict[str, Any]] = {}
+    with before_tree(ref) as old:
+        for tick, length in ((125, args.latency_seconds), (1, secs)):
+            pairs = []
+            for i in range(args.runs if tick == 125 else 1):
+                b = traced_run(env, args, tick, length, old) if old is not None else None
+                a = traced_run(env, args, tick, length, None, profile=args.profile and i == 0)
+                log(f"  tick_ms {tick} after: {a}")
+                if b is not None:
+                    log(f"  tick_ms {tick} before: {b}")
+                pairs.append((a, b))
+            a, b = pairs[len(pairs) // 2]
+            results[tick] = a
+            _add_rows(rep, tick, a, b, ref)
+    best = 1 if results[1]["sustained"] else None
+    for tick in args.tick_search if best is None else []:
+        row = traced_run(env, args, tick, secs, None)
+        log(f"  tick search, tick_ms {tick}: sustained {row['sustained']}")
+        if row["sustained"]:
+            best = tick
+            break
+    r1 = results[1]
+    rep.notes.append(
+        f"9. 1 kHz: tick_ms 1 {'sustained' if r1['sustained'] else 'NOT sustained'} with four peers at {args.rate:,} "
+        f"deltas/s for {secs:.0f}s ({r1['entries_verified']:,} entries, {r1['verify_problems']} verify problems); "
+        f"shortest sustained tick: {best}. Own share p99 {r1.get('own_p99')} ms at tick_ms 1, "
+        f"{results[125].get('own_p99')} ms at 125 (goal < 5 ms)."
+    )
+    rep.targets.append({"target": "1 kHz ticks sustained (four peers, 60 s)", "met": bool(r1["sustained"])})
+    for tick in (125, 1):
+        own = results[tick].get("own_p99")
+        rep.targets.append(
+            {"target": f"own share p99 < 5 ms (tick_ms {tick})", "value_ms": own, "met": own is not None and own < 5}
+        )
+
+    def num(v: float | None) -> str:
+        return "nan" if v is None else f"{v:.1f}"
+
+    rep.summary["kilohertz"] = (
+        f"kilohertz: tick_ms=1 sustained={'true' if r1['sustained'] else 'false'} "
+        f"commit_p99_ms={num(r1['p99_close'])} own_p99_ms={num(r1.get('own_p99'))}"
+    )
