@@ -35,7 +35,7 @@ from knhk_stream.store.lockchain import LockchainStore, verify_range
 NEEDS = "kafka"
 # The tree before the per-beat work was cut (issue 14): it has the latency trace, so its own share is
 # measured the same way. '' (--kilohertz-before '') skips the before runs.
-KILOHERTZ_BEFORE_REF = "HEAD"
+KILOHERTZ_BEFORE_REF = "95d1955"
 CASE = "9. 1 kHz"
 SHARES = ("own", "broker", "own_vote", "own_commit", "close_fetch", "vote_ack", "vote_fetch")
 
