@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
@@ -24,7 +24,7 @@ from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import is_marker
 from knhk_stream.protocol.entry import Entry
 from knhk_stream.protocol.proof import BundleCheck, StepResult, make_bundle, verify_bundle, vote_problems
-from knhk_stream.protocol.receipts import ReceiptMaker, receipt_offset
+from knhk_stream.protocol.receipts import ReceiptMaker, receipt_offset, rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.lockchain import LockchainStore, VerifyReport, check_entry, verify_range
 
@@ -162,6 +162,32 @@ def replay_beats(records: Iterable[Record], shard: int, tick_ms: int, processor:
         beat = asm.feed(last + 1, beat_end_ms(asm.open_cycle, tick_ms), True, None)
         if beat is not None:
             yield beat
+
+
+def rejections(
+    settings: ChainSettings, log: DeltaLog, shard: int, entries: Sequence[CommittedEntry]
+) -> dict[int, dict[str, int]]:
+    """Rejected receipts per code of each given entry of `shard` (oldest first), by cycle.
+
+    Redis keeps only each beat's Merkle root, not its receipts, so the counts come
+    from replaying the entries' records from Kafka: one sequential read from the
+    first entry's first offset through the last one's last offset.
+    """
+    if not entries:
+        return {}
+    wanted = {ce.entry.cycle for ce in entries}
+    last_cycle = max(wanted)
+    out: dict[int, dict[str, int]] = {c: {} for c in wanted}
+    records = log.read(shard, entries[0].entry.first_offset, entries[-1].entry.last_offset)
+    try:
+        for beat in replay_beats(records, shard, settings.tick_ms, settings.processor()):
+            if beat.cycle > last_cycle:
+                break
+            if beat.cycle in wanted:
+                out[beat.cycle] = rejections_by_code(beat.receipts)
+    finally:
+        records.close()
+    return out
 
 
 # -- comparing a replayed beat with its entry -----------------------------------------------

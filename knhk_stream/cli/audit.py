@@ -22,13 +22,12 @@ from knhk_stream.cli.common import (
     EXIT_ERROR,
     EXIT_NOT_YET,
     ExitWith,
-    client_config,
+    delta_log,
     echo_json,
     fail_cleanly,
     kafka_options,
     open_store,
     range_options,
-    require_kafka,
     resolve_topics,
     settings_option,
     shard_option,
@@ -62,23 +61,6 @@ def _audit_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise ExitWith(str(e), 1) from None
 
     return run
-
-
-def _log(
-    bootstrap: str, topic_prefix: str | None, declarations: Path | None, kafka_config: tuple[str, ...]
-) -> DeltaLog:
-    """The deltas topic to replay from, once Kafka answered and the topic exists (else one line, exit 1)."""
-    from knhk_stream.audit.core import DeltaLog
-
-    topics = resolve_topics(declarations, topic_prefix)
-    config, log = client_config(kafka_config)
-    if not require_kafka(bootstrap, config, log).get(topics.deltas.name):
-        raise ExitWith(
-            f"topic {topics.deltas.name!r} does not exist at {bootstrap}: is this the chain's Kafka, and are "
-            "--topic-prefix / --declarations those of the peers?",
-            EXIT_ERROR,
-        )
-    return DeltaLog(bootstrap, topics.deltas.name, config)
 
 
 # -- prove / verify-proof -----------------------------------------------------------------
@@ -144,7 +126,7 @@ def prove(
         raise click.UsageError("--from/--to only narrow the search of --id")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+    log = delta_log(bootstrap, topic_prefix, declarations, kafka_config)
 
     def find() -> tuple[int, int]:
         if offset is not None:
@@ -321,7 +303,7 @@ def audit(
         raise click.UsageError("give --shard S (repeatable) or --all-shards")
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
-    log = _log(bootstrap, topic_prefix, declarations, kafka_config)
+    log = delta_log(bootstrap, topic_prefix, declarations, kafka_config)
     # The roots topic against Redis (truncation, deletion, forks); its end offsets are noted before Redis is read.
     roots_topic = resolve_topics(declarations, topic_prefix).roots.name
     roots = cross_check_roots(store, settings, log, roots_topic, list(shard) or None, from_cycle, to_cycle)

@@ -11,8 +11,10 @@ import click
 from knhk_stream.cli.common import (
     client_config,
     declarations_option,
+    delta_log,
     fail_cleanly,
     kafka_config_option,
+    kafka_options,
     open_store,
     range_options,
     resolve_topics,
@@ -34,34 +36,70 @@ def chain() -> None:
 @shard_option
 @range_options
 @click.option("--limit", type=int, default=50, show_default=True, help="At most this many entries per shard.")
+@click.option(
+    "--rejected",
+    is_flag=True,
+    help="Add each entry's rejected receipts per code. Redis holds only the beats' roots, so this replays the "
+    "shown entries' records from Kafka (--bootstrap): one read of their offsets per shard.",
+)
+@kafka_options
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines, one entry per line.")
 @fail_cleanly
-def chain_show(settings_path, redis_url, prefix, shard, from_cycle, to_cycle, limit, as_json) -> None:
+def chain_show(
+    settings_path,
+    redis_url,
+    prefix,
+    shard,
+    from_cycle,
+    to_cycle,
+    limit,
+    rejected,
+    bootstrap,
+    topic_prefix,
+    declarations,
+    kafka_config,
+    as_json,
+) -> None:
     """Print committed entries (newest last)."""
     settings = ChainSettings.from_toml(settings_path)
     store = open_store(settings, redis_url, prefix)
+    log = delta_log(bootstrap, topic_prefix, declarations, kafka_config) if rejected else None
     rows = []
+    codes: dict[tuple[int, int], dict[str, int]] = {}
     for s in shards_of(store, shard):
         entries = store.range(s, from_cycle, to_cycle)
         kept = entries[-limit:] if limit > 0 else entries
         if len(kept) < len(entries):
             click.echo(f"shard {s}: the last {len(kept)} of {len(entries)} entries (--limit {limit}; 0 for all)",
                        err=True)  # fmt: skip
+        if log is not None:
+            from knhk_stream.audit.core import rejections
+
+            codes.update({(s, c): k for c, k in rejections(settings, log, s, kept).items()})
         rows += kept
     if as_json:
         for ce in rows:
-            click.echo(json.dumps(ce.to_json(), separators=(",", ":")))
+            obj = ce.to_json()
+            if log is not None:
+                obj["rejected"] = codes.get((ce.entry.shard, ce.entry.cycle), {})
+            click.echo(json.dumps(obj, separators=(",", ":")))
         return
     if not rows:
         click.echo("no committed entries")
         return
-    click.echo(f"{'shard':>5} {'cycle':>12} {'receipts':>8} {'offsets':>23}  {'root':16}  {'entry':16}  votes  by")
+    extra = "  rejected" if log is not None else ""
+    click.echo(f"{'shard':>5} {'cycle':>12} {'receipts':>8} {'offsets':>23}  {'root':16}  {'entry':16}  votes  "
+               f"{'by':<12}{extra}")  # fmt: skip
     for ce in rows:
         e = ce.entry
-        click.echo(
+        line = (
             f"{e.shard:>5} {e.cycle:>12} {e.receipt_count:>8} {f'{e.first_offset}..{e.last_offset}':>23}  "
-            f"{e.root.hex()[:16]}  {ce.entry_hash.hex()[:16]}  {len(ce.votes):>5}  {ce.committed_by}"
+            f"{e.root.hex()[:16]}  {ce.entry_hash.hex()[:16]}  {len(ce.votes):>5}  {ce.committed_by:<12}"
         )
+        if log is not None:
+            got = codes.get((e.shard, e.cycle), {})
+            line += "  " + (", ".join(f"{code} {k:,}" for code, k in sorted(got.items())) or "none")
+        click.echo(line.rstrip())
 
 
 @chain.command("verify")

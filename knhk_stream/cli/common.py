@@ -23,6 +23,7 @@ from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.settings import ChainSettings
 
 if TYPE_CHECKING:
+    from knhk_stream.audit.core import DeltaLog
     from knhk_stream.kafka.admin import ClientLog
     from knhk_stream.store import LockchainStore
 
@@ -214,3 +215,20 @@ def open_store(settings: ChainSettings, redis_url: str, prefix: str) -> Lockchai
 
 def shards_of(store: LockchainStore, shard: tuple[int, ...]) -> list[int]:
     return list(shard) if shard else store.shards()
+
+
+def delta_log(
+    bootstrap: str, topic_prefix: str | None, declarations: Path | None, kafka_config: tuple[str, ...]
+) -> DeltaLog:
+    """The deltas topic to replay from, once Kafka answered and the topic exists (else one line, exit 1)."""
+    from knhk_stream.audit.core import DeltaLog  # the Kafka extra: imported only when used
+
+    topics = resolve_topics(declarations, topic_prefix)
+    config, log = client_config(kafka_config)
+    if not require_kafka(bootstrap, config, log).get(topics.deltas.name):
+        raise ExitWith(
+            f"topic {topics.deltas.name!r} does not exist at {bootstrap}: is this the chain's Kafka, and are "
+            "--topic-prefix / --declarations those of the peers?",
+            EXIT_ERROR,
+        )
+    return DeltaLog(bootstrap, topics.deltas.name, config)

@@ -22,12 +22,11 @@ from pathlib import Path
 
 import click
 
-from knhk_stream.audit.core import DeltaLog, replay_beats
+from knhk_stream.audit.core import DeltaLog, rejections
 from knhk_stream.kafka.embedded import EmbeddedBroker, resolve_redis
 from knhk_stream.kafka.producer import DeltaProducer, synthetic_deltas
 from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.quorum import generate_key, public_key_bytes, save_private_key
-from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings, Peer
 from knhk_stream.store.lockchain import LockchainStore, verify_range
 
@@ -215,23 +214,10 @@ def _clean_up(store: LockchainStore | None, url: str, prefix: str, workdir: Path
 
 def rejected_by_code(store: LockchainStore, settings: ChainSettings, log: DeltaLog, shard: int) -> dict[str, int]:
     """Rejected receipts per code in the committed beats of `shard`, from a replay of its records from Kafka."""
-    cycles = set(store.cycles(shard))
-    if not cycles:
-        return {}
-    first, last = store.get(shard, min(cycles)), store.get(shard, max(cycles))
-    if first is None or last is None:
-        return {}
     out: dict[str, int] = {}
-    records = log.read(shard, first.entry.first_offset, last.entry.last_offset)
-    try:
-        for beat in replay_beats(records, shard, settings.tick_ms, settings.processor()):
-            if beat.cycle > last.entry.cycle:
-                break
-            if beat.cycle in cycles:
-                for code, k in rejections_by_code(beat.receipts).items():
-                    out[code] = out.get(code, 0) + k
-    finally:
-        records.close()
+    for codes in rejections(settings, log, shard, store.range(shard)).values():
+        for code, k in codes.items():
+            out[code] = out.get(code, 0) + k
     return out
 
 

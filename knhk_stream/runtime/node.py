@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal, NamedTuple, TypeVar
 
@@ -180,6 +180,16 @@ def evidence_out(evidence: dict[str, Any]) -> Outbound:
     return Outbound(evidence["shard"], key, json.dumps(evidence, separators=(",", ":")).encode())
 
 
+@dataclass
+class RejectedCount:
+    """The receipts of the beats a peer closed on a shard since it took it, and how many were rejected, by code:
+    what `status` shows (Redis keeps only the beats' roots)."""
+
+    since_ms: int
+    receipts: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
 class PeerNode:
     """One peer's logic for the shards it holds, driven by a caller that owns the Kafka I/O."""
 
@@ -232,6 +242,7 @@ class PeerNode:
         self._roots_read: dict[int, float] = {}  # shard -> when the roots topic was last read to repair it
         self._health_written = 0.0
         self._evidence_due: list[Outbound] = []
+        self._rejected: dict[int, RejectedCount] = {}  # shard -> receipts of the beats closed since it was taken
 
     @classmethod
     def connect(
@@ -294,7 +305,7 @@ class PeerNode:
         self.engine.revoke(shard)
         for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked,
                           self._halted, self._blocked, self._recent, self._forged_checkpoint,
-                          self._republish_upto, self._roots_read, self._alarms):  # fmt: skip
+                          self._republish_upto, self._roots_read, self._alarms, self._rejected):  # fmt: skip
             per_shard.pop(shard, None)
         self._to_publish = [ce for ce in self._to_publish if ce.entry.shard != shard]
         for k in [k for k in self._prior if k[0] == shard]:
@@ -394,9 +405,12 @@ class PeerNode:
                 votes.append(vote)
                 self.consensus.read_up_to(shard, vote.entry.cycle)
                 beat = self.engine.last_beat(shard)
-                if self.telemetry.enabled and beat is not None:
+                if beat is not None:
+                    counted = self._rejected.setdefault(shard, RejectedCount(now_ms()))
+                    counted.receipts += len(beat.receipts)
                     for code, k in rejections_by_code(beat.receipts).items():
                         rejected[code] = rejected.get(code, 0) + k
+                        counted.by_code[code] = counted.by_code.get(code, 0) + k
         for shard in held:  # once a batch: an open beat overshoots its bound by at most one batch
             self._check_open_beat(shard)
         self.stats["deltas"] += n
@@ -869,6 +883,7 @@ class PeerNode:
             "bad_records": bad,
             "held_votes": self.consensus.collector.held_votes(shard),
             "open_beat": {"cycle": cycle, "first_offset": first, "deltas": deltas},
+            "rejected": asdict(self._rejected.get(shard, RejectedCount(t))),
         }
 
     def _write_health(self, shards: Iterable[int]) -> None:

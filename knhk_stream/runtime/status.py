@@ -56,6 +56,9 @@ class ShardStatus:
     equivocations: list[dict[str, Any]] = field(default_factory=list)  # verified evidence only
     invalid_evidence: int = 0  # evidence records that do not verify (ignored)
     alarms: list[dict[str, Any]] = field(default_factory=list)  # {peer_id, kind, message, at_ms}
+    # {peer_id, since_ms, receipts, by_code}: rejected receipts per code in the beats a peer closed since it took
+    # the shard (its own report: the peer holding the shard longest among the fresh reports)
+    rejected: dict[str, Any] | None = None
     peers: list[PeerProgress] = field(default_factory=list)
 
     @property
@@ -253,6 +256,9 @@ def shard_status(
                 ):
                     st.alarms.append({"peer_id": peer.id, "kind": kind, "message": str(report[kind]), "at_ms": at})
         st.peers.append(pp)
+        counted = _rejected_counts(report, t)
+        if counted is not None and (st.rejected is None or counted["receipts"] > st.rejected["receipts"]):
+            st.rejected = {"peer_id": peer.id, **counted}
     if (
         st.high_watermark is not None
         and st.last_stable_offset is not None
@@ -267,6 +273,24 @@ def shard_status(
             "list / describe) and let it commit or abort, or wait for transaction.max.timeout.ms"
         )
     return st
+
+
+def _rejected_counts(report: dict[str, Any] | None, t: int) -> dict[str, Any] | None:
+    """A fresh peer report's rejection counts, if they have the expected shape (peers' reports are not trusted)."""
+    if report is None or not isinstance(report.get("at_ms"), int) or t - report["at_ms"] >= REPORT_STALE_MS:
+        return None
+    counted = report.get("rejected")
+    if not isinstance(counted, dict):
+        return None
+    by_code = counted.get("by_code")
+    if not (
+        isinstance(counted.get("since_ms"), int)
+        and isinstance(counted.get("receipts"), int)
+        and isinstance(by_code, dict)
+        and all(isinstance(k, str) and isinstance(v, int) for k, v in by_code.items())
+    ):
+        return None
+    return {"since_ms": counted["since_ms"], "receipts": counted["receipts"], "by_code": dict(by_code)}
 
 
 def _evidence(st: ShardStatus, settings: ChainSettings, found: list[Any]) -> None:
@@ -303,6 +327,12 @@ def render(statuses: list[ShardStatus]) -> str:
             lines.append(f"  !! EQUIVOCATION by {ev['peer_id']} at cycle {ev['cycle']} (both signatures verify)")
         if st.invalid_evidence:
             lines.append(f"  {st.invalid_evidence} evidence record(s) that do not verify were ignored")
+        if st.rejected is not None:
+            r = st.rejected
+            codes = ", ".join(f"{code} {k:,}" for code, k in sorted(r["by_code"].items())) or "none"
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since_ms"] / 1000))
+            lines.append(f"  rejected: {codes} of {r['receipts']:,} receipts since {since} "
+                         f"(as {r['peer_id']} counted the beats it closed)")  # fmt: skip
         for a in st.alarms:
             age = "" if not isinstance(a.get("at_ms"), int) else f" ({(now - a['at_ms']) / 1000:.0f}s ago)"
             who = f"{a['peer_id']}: " if a.get("peer_id") else ""

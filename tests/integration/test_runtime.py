@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from knhk_stream.kafka.producer import synthetic_deltas
 from knhk_stream.store.lockchain import load_checkpoint, verify_range
 from tests.support.cluster import SHARDS, Cluster
 
@@ -129,7 +130,15 @@ def test_status_reports_heads_and_agreement(cluster):
     # Idle shards read lag 0, as Kafka users expect: the tick markers after the last delta are not input.
     cluster.wait_until(lambda: all(p["lag"] == 0 for st in run()[1] for p in st["peers"]), 60,
                        "every peer's lag to read 0 once idle", lambda: [st["peers"] for st in run()[1]])  # fmt: skip
+    cluster.wait_until(lambda: all(st["rejected"]["receipts"] == 200 for st in run()[1]), 30,
+                       "the peers' reports (every 5 s) to count every receipt",
+                       lambda: [st["rejected"] for st in run()[1]])  # fmt: skip
     _code, shards = run()
+    text = CliRunner().invoke(main, [
+        "status", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
+        "--prefix", cluster.prefix, "--bootstrap", cluster.bootstrap, "--topic-prefix", cluster.topic_prefix,
+    ])  # fmt: skip
+    assert text.exit_code == 0 and "  rejected: malformed " in text.stdout and " of 200 receipts since " in text.stdout
     markers = sum(1 for msgs in cluster.read_topic(cluster.topics.deltas.name).values() for m in msgs if m.headers())
     cluster.stop_all()
     assert markers > 0  # so the high watermark is ahead of what the groups committed
@@ -139,6 +148,26 @@ def test_status_reports_heads_and_agreement(cluster):
         assert all(p["state"] in ("agrees", "ahead") for p in st["peers"]), st["peers"]
         assert st["high_watermark"] > 0
         assert all(p["lag"] == p["lag_lso"] == 0 for p in st["peers"]), st["peers"]
+    # Rejected receipts per code: in status (as the peers counted them) and in `chain show --rejected` (replayed).
+    malformed = sum(1 for d in synthetic_deltas(800, seed=7, malformed_every=50) if isinstance(d, bytes))
+    assert malformed > 0
+    assert sum(st["rejected"]["by_code"].get("malformed", 0) for st in shards) == malformed, [st["rejected"] for st in shards]
+    assert all(set(st["rejected"]["by_code"]) <= {"malformed"} and st["rejected"]["receipts"] == 200 for st in shards)
+    shown = CliRunner().invoke(main, [
+        "chain", "show", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
+        "--prefix", cluster.prefix, "--rejected", "--bootstrap", cluster.bootstrap,
+        "--topic-prefix", cluster.topic_prefix, "--limit", "0", "--json",
+    ])  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    rows = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert sum(r["rejected"].get("malformed", 0) for r in rows) == malformed
+    assert any(r["rejected"] == {} for r in rows) or len(rows) == SHARDS
+    table = CliRunner().invoke(main, [
+        "chain", "show", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,
+        "--prefix", cluster.prefix, "--rejected", "--bootstrap", cluster.bootstrap,
+        "--topic-prefix", cluster.topic_prefix,
+    ])  # fmt: skip
+    assert table.exit_code == 0 and "rejected" in table.stdout.splitlines()[0] and "malformed" in table.stdout
 
 
 def _faulty_settings(cluster: Cluster):
