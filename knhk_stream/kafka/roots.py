@@ -525,14 +525,22 @@ def end_offsets(common: dict[str, Any], topic: str, partitions: Iterable[int], t
     return ends
 
 
-def read_upto(common: dict[str, Any], topic: str, ends: dict[int, int], timeout_s: float = 30) -> Iterator[Message]:
-    """Every record of the partitions up to (not including) their noted end offsets, per partition in order."""
-    todo = {s: e for s, e in ends.items() if e > 0}
+def read_upto(
+    common: dict[str, Any],
+    topic: str,
+    ends: dict[int, int],
+    timeout_s: float = 30,
+    starts: dict[int, int] | None = None,
+) -> Iterator[Message]:
+    """Every record of the partitions from `starts` (default 0) up to (not including) their noted end
+    offsets, per partition in order."""
+    first = starts or {}
+    todo = {s: e for s, e in ends.items() if e > first.get(s, 0)}
     if not todo:
         return
     c = Consumer(_probe_config(common))
     try:
-        c.assign([TopicPartition(topic, s, 0) for s in todo])
+        c.assign([TopicPartition(topic, s, first.get(s, 0)) for s in todo])
         idle = time.monotonic()
         while todo:
             msgs = c.consume(1000, timeout=0.5)
@@ -558,10 +566,14 @@ def read_upto(common: dict[str, Any], topic: str, ends: dict[int, int], timeout_
         c.close()
 
 
-def partition_values(common: dict[str, Any], topic: str, partition: int, timeout_s: float = 30) -> list[bytes | None]:
-    """The values of one partition's records, oldest first, up to its end when called."""
+def partition_values(
+    common: dict[str, Any], topic: str, partition: int, timeout_s: float = 30, last: int | None = None
+) -> list[bytes | None]:
+    """The values of one partition's records, oldest first, up to its end when called; with `last`, only
+    the newest `last` records (a tail costs one fetch for the end offset and at most `last` records)."""
     ends = end_offsets(common, topic, [partition], timeout_s)
-    return [m.value() for m in read_upto(common, topic, ends, timeout_s)]
+    starts = None if last is None else {s: max(0, e - last) for s, e in ends.items()}
+    return [m.value() for m in read_upto(common, topic, ends, timeout_s, starts)]
 
 
 @dataclass

@@ -21,9 +21,10 @@ byzantine peer or a Redis writer from misleading it). The caller's loop:
 7. Before giving a shard up: deliver its pending votes (step 2), then
    `node.revoke(shard)`.
 
-`roots_source(shard)`, if the caller sets it, returns the values of the roots
-topic's partition of that shard, oldest first: the node reads it only to
-re-append entries that were deleted from Redis.
+`roots_source(shard, last)`, if the caller sets it, returns the values of the
+roots topic's partition of that shard, oldest first (only the newest `last`
+records unless `last` is None): the node reads it to restore what Redis lost of
+a chain, when it takes a shard and when a running peer sees the head move back.
 
 The node never talks to Kafka, so any client library (or a test) can drive it.
 """
@@ -47,12 +48,13 @@ from knhk_stream.protocol.consensus import Consensus
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
+from knhk_stream.protocol.epochs import Epoch
 from knhk_stream.protocol.quorum import Equivocation, Vote, VoteStatus
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root, decode_vote, encode_root, encode_vote
 from knhk_stream.runtime.telemetry import Telemetry
-from knhk_stream.store.epochs import load_epochs
+from knhk_stream.store.epochs import load_epochs, store_epoch
 from knhk_stream.store.lockchain import (
     Checkpoint,
     ForkError,
@@ -74,6 +76,7 @@ from knhk_stream.store.lockchain import (
     set_stall,
     stored_checkpoint_signature,
 )
+from knhk_stream.store.rebuild import ConflictingChain, RebuildResult, linked_chain, rebuild_shard
 
 __all__ = [
     "REDIS_DOWN",
@@ -99,7 +102,10 @@ MAX_EVIDENCE_DUE = 1000  # evidence records waiting for the evidence topic
 BAD_LOGS_PER_MINUTE = 10  # hostile records logged one by one per topic and shard; the rest are summed up
 ALARM_KEEP_MS = 3_600_000  # how long an alarm stays in this peer's report (status)
 MAX_ALARMS = 10  # alarms kept per shard in the report
+ROOTS_TAIL = 64  # newest roots-topic records read when taking a shard, to see whether Redis lost entries
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
+# (shard, last): the values of the shard's roots-topic partition, oldest first; only the newest `last` unless None
+RootsSource = Callable[[int, int | None], Iterable[bytes | None]]
 T = TypeVar("T")
 
 
@@ -201,7 +207,7 @@ class PeerNode:
         store: LockchainStore,
         telemetry: Telemetry | None = None,
         limits: NodeLimits | None = None,
-        roots_source: Callable[[int], Iterable[bytes | None]] | None = None,
+        roots_source: RootsSource | None = None,
     ) -> None:
         if store.chain_id != settings.chain_id:
             raise ValueError(f"the store is for chain {store.chain_id!r}, the settings for {settings.chain_id!r}")
@@ -213,7 +219,8 @@ class PeerNode:
         self.telemetry = telemetry or Telemetry(None)
         self.limits = limits or NodeLimits()
         self.roots_source = roots_source
-        self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0, "bad_records": 0, "reappended": 0}
+        self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0, "bad_records": 0, "reappended": 0,
+                      "restored": 0}  # fmt: skip
         self.on_commit: Callable[[CommittedEntry, float], None] | None = None
         self._checkpoint_due: dict[int, ResumePoint] = {}
         self._vote_offsets: dict[int, dict[int, int]] = {}  # shard -> cycle -> lowest votes offset
@@ -233,6 +240,7 @@ class PeerNode:
         self._halted: dict[int, str] = {}  # shard -> why it stopped reading (open beat too large)
         self._new_halts: list[int] = []
         self._blocked: dict[int, str] = {}  # shard -> why nothing is committed on it (untrusted Redis state)
+        self._blocked_until_retaken: set[int] = set()  # Redis holds a conflicting chain: no check lifts it
         self._alarms: dict[int, list[dict[str, Any]]] = {}
         self._recent: dict[int, dict[int, CommittedEntry]] = {}  # shard -> cycle -> verified committed entry
         self._forged_checkpoint: dict[int, str] = {}  # shard -> stored signature text of a checkpoint refused
@@ -307,13 +315,17 @@ class PeerNode:
                           self._halted, self._blocked, self._recent, self._forged_checkpoint,
                           self._republish_upto, self._roots_read, self._alarms, self._rejected):  # fmt: skip
             per_shard.pop(shard, None)
+        self._blocked_until_retaken.discard(shard)
         self._to_publish = [ce for ce in self._to_publish if ce.entry.shard != shard]
         for k in [k for k in self._prior if k[0] == shard]:
             del self._prior[k]
 
     def _resume(self, shard: int) -> tuple[ResumePoint, int, CommittedEntry | None]:
         """Own checkpoint (if its signature verifies), else right after the committed head (if its quorum
-        verifies), else the chain's start offset. Also returns the verified committed head."""
+        verifies), else the chain's start offset. Also returns the verified committed head.
+
+        First, what Redis lost of the chain is restored from the roots topic (`_restore_from_roots`)."""
+        self._restore_from_roots(shard)
         head, problem = read_head_entry(self.store, self.settings, shard)
         if problem is not None and self.refresh_epochs():  # signed in an epoch applied since this peer looked
             head, problem = read_head_entry(self.store, self.settings, shard)
@@ -785,18 +797,10 @@ class PeerNode:
                         "Nothing more is committed on this shard until they are restored (`knhk-stream chain "
                         "import` of an export)")  # fmt: skip
             return
-        written = 0
-        for ce in chain:
-            try:
-                if self.store.append(ce):
-                    written += 1
-            except (NotNextError, ForkError) as e:
-                self._block(shard, "head_moved_back", f"re-appending cycle {ce.entry.cycle} was refused ({e}); "
-                            "the chain in Redis changed meanwhile: tried again shortly")  # fmt: skip
-                return
-            except REDIS_ERRORS as e:
-                self._redis_unavailable(e)
-                return
+        result = self._redis(self._append_verified, shard, chain)
+        if result is REDIS_DOWN or result is None:
+            return
+        written = result.appended
         self.stats["reappended"] += written
         self._unblock(shard)
         by = f"re-appended {written} deleted entries" if written else "the deleted entries were re-appended (by others)"
@@ -817,28 +821,97 @@ class PeerNode:
         chain.reverse()
         return chain
 
-    def _roots_of(self, shard: int, base: CommittedEntry | None, upto: int | None) -> dict[bytes, CommittedEntry]:
-        """Valid roots of the shard after `base` up to `upto` from the roots topic, by entry hash."""
+    def _append_verified(self, shard: int, chain: list[CommittedEntry]) -> RebuildResult | None:
+        """Append what Redis lacks of a verified chain linked from genesis or from the Redis head
+        (`rebuild_shard`, as `chain rebuild` does); None when Redis refused it: the shard is blocked, loudly,
+        and a conflicting chain is never written over. Redis errors go to the caller."""
+        try:
+            return rebuild_shard(self.store, shard, chain)
+        except ConflictingChain as e:
+            self._blocked_until_retaken.add(shard)
+            self._block(shard, "conflicting_chain", f"{e}. Nothing is written over it, and nothing more is "
+                        "committed on this shard until it is taken again: find out which history is right "
+                        "(`knhk-stream chain verify --bootstrap ...` compares Redis with the roots topic), then "
+                        "restart the workers")  # fmt: skip
+        except (NotNextError, ForkError) as e:
+            self._block(shard, "head_moved_back", f"re-appending was refused ({e}); the chain in Redis changed "
+                        "meanwhile: tried again shortly")  # fmt: skip
+        return None
+
+    def _restore_from_roots(self, shard: int) -> None:
+        """Before resuming a shard: restore from the roots topic (every root verified) what Redis lost of its
+        chain, so that a peer never starts a new genesis, or builds on an older head, where the roots topic
+        proves the chain went further (Redis restarted without persistence, was flushed, or an old backup).
+
+        Cost in the usual case (Redis not behind): one read of the Redis head, one fetch for the end of the
+        roots partition and its newest ROOTS_TAIL records, and one entry hash from Redis. The whole partition
+        is read (and every root in it verified) only when that tail proves the chain went further than Redis,
+        disagrees with it, or holds no valid root (a new chain: its partition is empty). Redis errors go to
+        the caller (`assign` waits for Redis and tries again).
+        """
+        if self.roots_source is None:
+            return
+        try:
+            head = self.store.head(shard)
+        except ValueError:
+            return  # an unreadable head: `_resume` blocks the shard on it
+        tail = self._read_roots(shard, ROOTS_TAIL)
+        whole = len(tail) < ROOTS_TAIL  # the tail is the whole partition
+        newest = max(self._roots_of(shard, None, None, tail).values(), key=lambda ce: ce.entry.cycle, default=None)
+        if newest is not None and head is not None and newest.entry.cycle <= head.cycle:
+            c = newest.entry.cycle
+            if self.store.entry_hashes(shard, [c]).get(c) == newest.entry_hash:
+                return  # Redis holds the newest root
+        if newest is None and whole:
+            return  # nothing committed yet (or nothing valid on the topic)
+        chain = linked_chain(self._roots_of(shard, None, None, tail if whole else None).values())
+        for finding in chain.findings:
+            log.warning("shard %d: on the roots topic: %s", shard, finding)
+        if not chain.entries:
+            return
+        result = self._append_verified(shard, chain.entries)
+        top = chain.entries[-1].entry.cycle
+        if result is None or (head is not None and top <= head.cycle):
+            return
+        held = "no chain" if head is None else f"the chain up to cycle {head.cycle}"
+        done = (f"restored {result.appended} entries from the roots topic" if result.appended else
+                "another peer restored the missing entries from the roots topic meanwhile")  # fmt: skip
+        message = f"Redis held {held} but the roots topic proves cycle {top}: {done} before resuming"
+        log.warning("shard %d: %s", shard, message)
+        self.stats["restored"] += result.appended
+        self._alarm(shard, "restored_from_roots", f"{message}. Redis lost data (a restart without persistence, "
+                    "a flush, an old backup): turn on persistence (appendonly yes)", logged=True)  # fmt: skip
+
+    def _read_roots(self, shard: int, last: int | None = None) -> list[bytes | None]:
+        """The shard's roots-topic records (only the newest `last` unless None); none when it cannot be read."""
         assert self.roots_source is not None
+        try:
+            return list(self.roots_source(shard, last))
+        except Exception as e:  # the roots topic may be unreachable: tried again later
+            log.error("shard %d: cannot read the roots topic to restore entries Redis lost: %s", shard, e)
+            return []
+
+    def _roots_of(
+        self, shard: int, base: CommittedEntry | None, upto: int | None, values: list[bytes | None] | None = None
+    ) -> dict[bytes, CommittedEntry]:
+        """Valid roots of the shard after `base` up to `upto`, by entry hash, among `values` (default: the
+        whole roots-topic partition)."""
         after = base.entry.cycle if base is not None else -1
         found: dict[bytes, CommittedEntry] = {}
         invalid = 0
-        try:
-            for value in self.roots_source(shard):
-                try:
-                    ce = decode_root(value)
-                except WireError:
-                    invalid += 1
-                    continue
-                c = ce.entry.cycle
-                if not after < c <= (upto if upto is not None else c) or ce.entry_hash in found:
-                    continue
-                if committed_problem(self.settings, ce, shard) is None:
-                    found[ce.entry_hash] = ce
-                else:
-                    invalid += 1
-        except Exception as e:  # the roots topic may be unreachable: tried again later
-            log.error("shard %d: cannot read the roots topic to re-append deleted entries: %s", shard, e)
+        for value in self._read_roots(shard) if values is None else values:
+            try:
+                ce = decode_root(value)
+            except WireError:
+                invalid += 1
+                continue
+            c = ce.entry.cycle
+            if not after < c <= (upto if upto is not None else c) or ce.entry_hash in found:
+                continue
+            if committed_problem(self.settings, ce, shard) is None:
+                found[ce.entry_hash] = ce
+            else:
+                invalid += 1
         log.info("shard %d: %d valid roots on the roots topic after cycle %d (%d records not valid)",
                  shard, len(found), after, invalid)  # fmt: skip
         return found
@@ -850,6 +923,8 @@ class PeerNode:
         self._alarm(shard, kind, reason, logged=True)
 
     def _unblock(self, shard: int) -> None:
+        if shard in self._blocked_until_retaken:
+            return  # a conflicting chain: only taking the shard again checks it again
         if self._blocked.pop(shard, None) is not None:
             log.warning("shard %d: the committed head in Redis verifies and follows this peer's again", shard)
 
@@ -975,6 +1050,7 @@ class PeerNode:
         if found is REDIS_DOWN:
             return False  # Redis is down: tried again later
         statements, findings = found
+        self._restore_epochs(statements)
         for f in findings:
             if f not in self._epoch_findings:
                 self._epoch_findings.add(f)
@@ -1012,6 +1088,15 @@ class PeerNode:
             newest.threshold,
         )
         return True
+
+    def _restore_epochs(self, stored: list[Epoch]) -> None:
+        """Store again the verified epochs this peer holds that Redis lost (a restart without persistence, a
+        flush), so that peers starting later find them. HSETNX: a statement in Redis is never overwritten."""
+        have = {e.number for e in stored}
+        for e in self.settings.epoch_chain.epochs:
+            if e.number > 0 and e.number not in have and self._redis(store_epoch, self.store, e) is True:
+                log.warning("epoch %d was missing from Redis (it lost data?): stored it again from this peer's "
+                            "verified epochs", e.number)  # fmt: skip
 
     # -- tick markers -----------------------------------------------------------------------
 

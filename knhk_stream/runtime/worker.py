@@ -185,7 +185,7 @@ class Worker:
         )
         self.producer = Producer({**common, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
         self._common = {k: v for k, v in common.items() if k != "error_cb"}
-        self.node.roots_source = self._roots_of  # to re-append entries deleted from Redis
+        self.node.roots_source = self._roots_of  # to restore entries Redis lost
         self._undelivered: list[Vote] = []
         self._failed: list[str] = []
         self._roots_acked: list[CommittedEntry] = []
@@ -475,11 +475,12 @@ class Worker:
 
         self._produce(self.topics.evidence.name, out, delivered)
 
-    def _roots_of(self, shard: int) -> Iterable[bytes | None]:
-        """The roots topic's records of a shard, oldest first (the node re-appends deleted entries from it)."""
+    def _roots_of(self, shard: int, last: int | None = None) -> Iterable[bytes | None]:
+        """The roots topic's records of a shard, oldest first, or only the newest `last` of them (the node
+        restores and re-appends entries Redis lost from it)."""
         from knhk_stream.kafka.roots import partition_values  # kafka.roots imports this module
 
-        return partition_values(self._common, self.topics.roots.name, shard)
+        return partition_values(self._common, self.topics.roots.name, shard, last=last)
 
     def _confirm_roots(self) -> None:
         if self._roots_acked:

@@ -67,7 +67,8 @@ def rebuild_shard(
     dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> RebuildResult:
-    """Append what Redis lacks of `chain` (verified, linked from genesis); ConflictingChain if Redis disagrees."""
+    """Append what Redis lacks of `chain` (verified and linked: from genesis, or from the Redis head as its
+    base); ConflictingChain if Redis disagrees. Entries another writer appended meanwhile count as `already`."""
     result = RebuildResult(shard)
     head = store.head(shard)
     have = store.entry_hashes(shard, [ce.entry.cycle for ce in chain])
@@ -78,7 +79,9 @@ def rebuild_shard(
                 f"shard {shard} cycle {ce.entry.cycle}: Redis holds entry {got.hex()[:16]}…, the roots topic "
                 f"{ce.entry_hash.hex()[:16]}…: refusing to write over a conflicting chain (audit it first)"
             )
-    if head is not None and chain and head.cycle <= chain[-1].entry.cycle and have.get(head.cycle) != head.entry_hash:
+    on_base = bool(chain) and head is not None and head.entry_hash == chain[0].entry.prev_entry_hash
+    if (head is not None and chain and not on_base and head.cycle <= chain[-1].entry.cycle
+            and have.get(head.cycle) != head.entry_hash):  # fmt: skip
         raise ConflictingChain(
             f"shard {shard}: the Redis head (cycle {head.cycle}) is not an entry of the chain on the roots "
             "topic: refusing to write over a conflicting chain"
@@ -88,9 +91,10 @@ def rebuild_shard(
     if todo:
         result.first_cycle, result.last_cycle = todo[0].entry.cycle, todo[-1].entry.cycle
     for ce in todo:
-        if not dry_run:
-            store.append(ce)
-        result.appended += 1
+        if dry_run or store.append(ce):
+            result.appended += 1
+        else:
+            result.already += 1  # the same entry, appended meanwhile by another peer
         if progress:
             progress(1)
     return result
