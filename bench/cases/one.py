@@ -103,7 +103,7 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             extra={"total_s": [r["total_s"] for r in res]},
         )
     )
-    rep.add(
+    after = rep.add(
         versus_bare(
             "3. One peer",
             "1 worker, after the group join (from its shard assignment to its last commit)",
@@ -111,6 +111,12 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             "after_join",
             label="1 peer after join",
         )
+    )
+    # the stable line (issue 14): medians of the same runs, the ratio of the medians (target >= 0.25)
+    ratio = after.ratio
+    rep.summary["one-worker"] = (
+        f"one-worker: after_join={after.median:.0f} bare={after.baseline_median:.0f} "
+        f"ratio={'nan' if ratio is None else f'{ratio:.2f}'}"
     )
     rep.add(
         Result(

@@ -57,7 +57,8 @@ class Consensus:
         if view.newest_read is None or cycle > view.newest_read:
             view.newest_read = cycle
 
-    def add(self, vote: Vote) -> VoteStatus:
+    def add(self, vote: Vote, verified: bool = False) -> VoteStatus:
+        """Take a vote (`verified`: its signature is known good, see `QuorumCollector.add`)."""
         shard, cycle = vote.entry.shard, vote.entry.cycle
         view = self.view(shard)
         if view.head_cycle is not None and cycle <= view.head_cycle:
@@ -65,7 +66,7 @@ class Consensus:
             # about committed history: nothing to decide
             return VoteStatus.REPEATED if vote.peer_id in epoch.public_keys else VoteStatus.UNKNOWN_PEER
         marks = [c for c in (view.head_cycle, view.newest_read) if c is not None]
-        status = self.collector.add(vote, view.head_hash, max(marks) if marks else None)
+        status = self.collector.add(vote, view.head_hash, max(marks) if marks else None, verified)
         if status in (VoteStatus.COUNTED, VoteStatus.QUORUM):
             key = (shard, vote.peer_id)
             self.latest_vote[key] = max(self.latest_vote.get(key, cycle), cycle)
@@ -80,6 +81,21 @@ class Consensus:
             return Ready(found[0], found[1])
         view.stalled_at = self.collector.stuck_after(shard, view.head_hash)
         return None
+
+    def ready_run(self, shard: int, limit: int) -> list[Ready]:
+        """The quorum entries that follow the head one after another (at most `limit`), oldest first:
+        what one atomic append can take. Empty when nothing follows the head (the stall flag updated)."""
+        first = self.next_ready(shard)
+        if first is None:
+            return []
+        run = [first]
+        while len(run) < limit:
+            e = run[-1].entry
+            found = self.collector.quorum_after(shard, e.entry_hash, e.cycle)
+            if found is None:
+                break
+            run.append(Ready(found[0], found[1]))
+        return run
 
     def successors(self, shard: int) -> dict[bytes, dict[str, Vote]]:
         """Counted votes for successors of the head (for status and stall reports)."""

@@ -124,6 +124,9 @@ class VoteStatus(Enum):
     UNLINKED = "unlinked"  # follows neither the committed head nor a held vote of an earlier cycle: dropped
     OUT_OF_WINDOW = "out_of_window"  # more than WINDOW cycles ahead: dropped
     OVER_SHARE = "over_share"  # the peer already has MAX_HELD_PER_PEER votes held on the shard: dropped
+    # its entry hash already holds a quorum here: kept unverified and uncounted (checked only should the
+    # peer later sign another successor of the same entry, so that equivocation is still caught)
+    BEYOND_QUORUM = "beyond_quorum"
 
 
 WINDOW = 64  # a vote is kept only while its cycle is at most this far ahead (protocol "Votes and quorum")
@@ -157,6 +160,7 @@ class _Successors:
     by_peer: dict[str, Vote] = field(default_factory=dict)  # each peer's first valid vote
     by_hash: dict[bytes, dict[str, Vote]] = field(default_factory=dict)
     evidence: dict[str, set[bytes]] = field(default_factory=dict)  # peer -> second entry hashes recorded
+    beyond: dict[str, Vote] = field(default_factory=dict)  # peer -> its first vote after a quorum, unverified
 
 
 class QuorumCollector:
@@ -179,9 +183,15 @@ class QuorumCollector:
         self.equivocations: list[Equivocation] = []  # the newest MAX_EQUIVOCATIONS records
         self._new_evidence: list[Equivocation] = []
 
-    def add(self, vote: Vote, head_hash: bytes, horizon: int | None) -> VoteStatus:
+    def add(self, vote: Vote, head_hash: bytes, horizon: int | None, verified: bool = False) -> VoteStatus:
         """Take a vote. `head_hash` is the shard's committed head (zeros before genesis);
-        `horizon` the larger of the head's cycle and the newest record's cycle read on the shard."""
+        `horizon` the larger of the head's cycle and the newest record's cycle read on the shard.
+        `verified`: the caller knows the signature is good (this peer's own vote, read back byte for
+        byte as it was signed here), so it is not checked again.
+
+        Signatures are checked only while they can matter: a vote for an entry hash that already
+        holds a quorum is kept aside unverified (BEYOND_QUORUM), and verified only if its peer later
+        signs another successor of the same entry (then it is that peer's first vote, as before)."""
         e = vote.entry
         epoch = self.epoch_for(e.cycle)
         pub = epoch.public_keys.get(vote.peer_id)
@@ -200,6 +210,16 @@ class QuorumCollector:
         succ = rounds.get(epoch.number) if rounds is not None else None
         first = succ.by_peer.get(vote.peer_id) if succ is not None else None
         entry_hash = vote.entry_hash
+        if first is None and succ is not None and succ.beyond:
+            aside = succ.beyond.get(vote.peer_id)
+            if aside is not None:
+                if aside.entry_hash == entry_hash:
+                    return VoteStatus.REPEATED
+                del succ.beyond[vote.peer_id]  # another successor: the vote kept aside is checked now
+                if verify_vote(pub, epoch.epoch_hash, aside.entry_hash, aside.signature):
+                    succ.by_peer[vote.peer_id] = first = aside
+                    succ.by_hash[aside.entry_hash][vote.peer_id] = aside
+                    self._per_peer[(e.shard, vote.peer_id)] = self._per_peer.get((e.shard, vote.peer_id), 0) + 1
         if first is not None and first.entry_hash == entry_hash:
             return VoteStatus.REPEATED
         if first is not None and entry_hash in succ.evidence.get(vote.peer_id, ()):
@@ -207,7 +227,10 @@ class QuorumCollector:
         share = (e.shard, vote.peer_id)
         if first is None and self._per_peer.get(share, 0) >= MAX_HELD_PER_PEER:
             return VoteStatus.OVER_SHARE
-        if not verify_vote(pub, epoch.epoch_hash, entry_hash, vote.signature):
+        if first is None and succ is not None and len(succ.by_hash.get(entry_hash, ())) >= epoch.threshold:
+            succ.beyond[vote.peer_id] = vote  # one a peer and round: bounded like the rounds themselves
+            return VoteStatus.BEYOND_QUORUM
+        if not verified and not verify_vote(pub, epoch.epoch_hash, entry_hash, vote.signature):
             return VoteStatus.BAD_SIGNATURE
         if first is not None:
             recorded = succ.evidence.setdefault(vote.peer_id, set())

@@ -36,7 +36,7 @@ from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.latency_trace import LatencyTrace, wall_ms
-from knhk_stream.runtime.node import NodeLimits, Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
+from knhk_stream.runtime.node import NodeLimits, Outbound, PeerNode, Record, marker_out, now_ms, root_out
 from knhk_stream.runtime.telemetry import Telemetry
 
 __all__ = ["Stopped", "Worker", "WorkerOptions", "from_message", "now_ms", "records"]
@@ -411,7 +411,7 @@ class Worker:
         self.producer.produce(topic, **kwargs)
 
     def _publish_vote(self, vote: Vote) -> None:
-        self._produce(self.topics.votes.name, vote_out(vote), self._on_vote_delivery)
+        self._produce(self.topics.votes.name, self.node.vote_record(vote), self._on_vote_delivery)
         self._undelivered.append(vote)
 
     def _on_vote_delivery(self, err: KafkaError | None, msg: Message) -> None:

@@ -121,6 +121,56 @@ return 'appended'
 """
 
 
+# A run of consecutive entries in one call: each is checked as `_APPEND` would check it against the
+# head the entries before it leave, all before anything is written, so a fork or a hole anywhere in
+# the run writes nothing. KEYS: cycles, head, then each entry's key; ARGV: n, args per entry, then per
+# entry cycle, padded cycle, entry_hash, prev_entry_hash and its field/value pairs. Returns one
+# 1 (written) or 0 (this very entry was there) per entry.
+_APPEND_RUN = """
+local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+local head = redis.call('HMGET', KEYS[2], 'cycle', 'entry_hash')
+local hc, hh = head[1], head[2]
+local out, last = {}, nil
+for i = 1, n do
+  local b = 2 + (i - 1) * per
+  local cycle, padded, eh, prev = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
+  local existing = redis.call('HGET', KEYS[2 + i], 'entry_hash')
+  if existing then
+    if existing ~= eh then
+      return redis.error_reply('FORK ' .. i .. ' cycle ' .. cycle .. ' already holds entry ' .. existing)
+    end
+    out[i] = 0
+  else
+    if hh then
+      if hh ~= prev then
+        return redis.error_reply('NOTNEXT ' .. i .. ' prev_entry_hash ' .. prev .. ' is not the head entry '
+          .. hh .. ' at cycle ' .. hc)
+      end
+      if padded <= string.rep('0', 20 - #hc) .. hc then
+        return redis.error_reply('NOTNEXT ' .. i .. ' cycle ' .. cycle .. ' is not after the head cycle ' .. hc)
+      end
+    elseif prev ~= string.rep('0', 64) then
+      return redis.error_reply('NOTNEXT ' .. i .. ' the chain is empty, so prev_entry_hash must be 32 zero '
+        .. 'bytes, not ' .. prev)
+    end
+    hc, hh, last = cycle, eh, i
+    out[i] = 1
+  end
+end
+for i = 1, n do
+  if out[i] == 1 then
+    local b = 2 + (i - 1) * per
+    redis.call('HSET', KEYS[2 + i], unpack(ARGV, b + 5, b + per))
+    redis.call('ZADD', KEYS[1], ARGV[b + 1], ARGV[b + 2])
+  end
+end
+if last then
+  redis.call('HSET', KEYS[2], 'cycle', hc, 'entry_hash', hh)
+end
+return out
+"""
+
+
 @dataclass(frozen=True)
 class Head:
     cycle: int
@@ -152,6 +202,7 @@ class LockchainStore:
         self.chain_id = chain_id
         self.prefix = prefix
         self._append = client.register_script(_APPEND)
+        self._append_run = client.register_script(_APPEND_RUN)
         self._keys: dict[int, ShardKeys] = {}
 
     @classmethod
@@ -204,6 +255,48 @@ class LockchainStore:
                     "they do (check the replicas' link and lag: INFO replication)"
                 )
         return as_text(result) == "appended"
+
+    def append_run(self, run: list[CommittedEntry]) -> list[bool]:
+        """Append consecutive entries of one shard in one atomic call (one round trip): per entry True if
+        written, False if this very entry was there. Checked as `append` one by one would check them,
+        but before anything is written: ForkError or NotNextError (naming the entry) writes nothing."""
+        if len(run) == 1:
+            return [self.append(run[0])]
+        shard = run[0].entry.shard
+        k = self.keys(shard)
+        keys = [k.cycles, k.head]
+        args: list[str] = [str(len(run)), str(4 + 2 * len(STORED_FIELDS))]
+        for committed in run:
+            e = committed.entry
+            if e.chain_id != self.chain_id or e.shard != shard:
+                raise LockchainError(f"a run holds entries of one chain's one shard, not {e.chain_id!r}/{e.shard}")
+            fields = committed.to_redis()
+            keys.append(k.entry(e.cycle))
+            args += [str(e.cycle), cycle_key(e.cycle), fields["entry_hash"], fields["prev_entry_hash"]]
+            for name in STORED_FIELDS:
+                args += [name, fields[name]]
+        try:
+            result = self._append_run(keys=keys, args=args)
+        except redis.ResponseError as err:
+            kind, _, rest = str(err).partition(" ")
+            index, _, msg = rest.partition(" ")
+            if kind in ("FORK", "NOTNEXT") and index.isdigit():
+                e = run[int(index) - 1].entry
+                where = f"shard {e.shard} cycle {e.cycle}: "
+                if kind == "FORK":
+                    raise ForkError(where + msg + "; refusing to overwrite it") from None
+                raise NotNextError(where + msg) from None
+            raise
+        if self.durability.replicas and any(int(x) for x in result):
+            acked = wait_for_replicas(self.client, k.head, self.durability)
+            if acked < self.durability.replicas:
+                raise ReplicasLagging(
+                    f"shard {shard} cycles {run[0].entry.cycle}..{run[-1].entry.cycle}: only {acked} of "
+                    f"{self.durability.replicas} replica(s) acknowledged the append within "
+                    f"{self.durability.timeout_ms} ms; it is not published until they do (check the replicas' "
+                    "link and lag: INFO replication)"
+                )
+        return [int(x) == 1 for x in result]
 
     # -- reading ------------------------------------------------------------------------
 

@@ -366,15 +366,50 @@ def test_collector_counted_and_quorum_exactly_once():
     assert _add(c, _vote("peer-b", e)) is VoteStatus.COUNTED
     assert c.quorum_after(0, ZERO_HASH, None) is None
     assert _add(c, _vote("peer-c", e)) is VoteStatus.QUORUM
-    assert _add(c, _vote("peer-d", e)) is VoteStatus.COUNTED
+    assert _add(c, _vote("peer-d", e)) is VoteStatus.BEYOND_QUORUM  # not needed: neither verified nor counted
     entry, votes = c.quorum_after(0, ZERO_HASH, None)
     assert entry == e
-    assert [v.peer_id for v in votes] == ["peer-a", "peer-b", "peer-c", "peer-d"]
+    assert [v.peer_id for v in votes] == ["peer-a", "peer-b", "peer-c"]
     assert all(verify_vote(PUBS[v.peer_id], GENESIS.epoch_hash, e.entry_hash, v.signature) for v in votes)
     assert check_quorum(e.entry_hash, [(v.peer_id, v.signature) for v in votes], GENESIS).valid
     assert c.stuck_after(0, ZERO_HASH) is None
     assert c.equivocations == []
     assert set(c.successors(0, ZERO_HASH)) == {e.entry_hash}
+
+
+def test_collector_beyond_quorum_is_checked_once_it_could_be_evidence():
+    """A vote after the quorum is not verified; should its peer sign another successor of the same
+    entry, the vote kept aside is verified then, and the two are equivocation as before."""
+    c = _collector()
+    e, fork = _entry(), _entry(root=b"fork")
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        _add(c, _vote(pid, e))
+    assert _add(c, _vote("peer-d", e)) is VoteStatus.BEYOND_QUORUM
+    assert _add(c, _vote("peer-d", e)) is VoteStatus.REPEATED
+    assert _add(c, _vote("peer-d", fork)) is VoteStatus.EQUIVOCATION
+    [ev] = c.take_equivocations()
+    assert (ev.peer_id, ev.first.entry_hash, ev.second.entry_hash) == ("peer-d", e.entry_hash, fork.entry_hash)
+
+
+def test_collector_a_forged_vote_beyond_quorum_is_no_evidence():
+    """A forged vote kept aside after the quorum is dropped when checked: the peer's real vote counts."""
+    c = _collector()
+    e, other = _entry(), _entry(root=b"other")
+    for pid in ("peer-a", "peer-b", "peer-c"):
+        _add(c, _vote(pid, e))
+    assert _add(c, Vote(e, "peer-d", bytes(64), 1, 0)) is VoteStatus.BEYOND_QUORUM
+    assert _add(c, _vote("peer-d", other)) is VoteStatus.COUNTED
+    assert c.take_equivocations() == []
+    assert set(c.successors(0, ZERO_HASH)[other.entry_hash]) == {"peer-d"}
+
+
+def test_collector_verified_votes_skip_the_signature_check():
+    """`verified` is for this peer's own votes read back as signed: a caller that lies is believed, so the
+    node passes it only for bytes it produced itself (PeerNode.vote_record)."""
+    c = _collector()
+    e = _entry()
+    assert c.add(Vote(e, "peer-a", bytes(64), 1, 0), ZERO_HASH, 10) is VoteStatus.BAD_SIGNATURE
+    assert c.add(_vote("peer-a", e), ZERO_HASH, 10, verified=True) is VoteStatus.COUNTED
 
 
 def test_collector_repeated_vote_counts_once():
@@ -701,7 +736,8 @@ def test_engine_votes_agree_without_dissent():
     consensus = Consensus(ENGINE_SETTINGS.epoch_for)
     for pid in PUBS:
         for v in votes[pid].values():
-            assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM)
+            # the fourth peer's votes come after the quorum: not needed, so not verified
+            assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM, VoteStatus.BEYOND_QUORUM)
     assert [e.cycle for e, _, _ in _commit_all(consensus, engines)] == [10, 11, 12]
     assert all(e.dissents(0) == 0 for e in engines.values())
 
@@ -722,7 +758,8 @@ def test_engine_rejoin_resigns_later_votes_and_they_count():
 
     consensus = Consensus(ENGINE_SETTINGS.epoch_for)
     for v in [*honest.values(), *b_votes.values(), *own.values(), c_votes[10], c_votes[11]]:
-        assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM)  # peer-c's later votes are lost
+        # peer-c's later votes are lost; its vote for 10 comes after 10's quorum (not needed, not verified)
+        assert consensus.add(v) in (VoteStatus.COUNTED, VoteStatus.QUORUM, VoteStatus.BEYOND_QUORUM)
     assert consensus.add(honest[10]) is VoteStatus.REPEATED
     commits = _commit_all(consensus, engines)
     assert [e.entry_hash for e, _, _ in commits] == [honest[c].entry_hash for c in (10, 11, 12, 13)]
