@@ -82,6 +82,7 @@ __all__ = [
     "REDIS_DOWN",
     "REDIS_ERRORS",
     "Assignment",
+    "Interrupt",
     "NodeLimits",
     "Outbound",
     "PeerNode",
@@ -109,6 +110,10 @@ Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
 # (shard, last): the values of the shard's roots-topic partition, oldest first; only the newest `last` unless None
 RootsSource = Callable[[int, int | None], Iterable[bytes | None]]
 T = TypeVar("T")
+
+
+class Interrupt(Exception):
+    """Raised by the caller (from a signal handler) to end a wait inside the node: never swallowed."""
 
 
 class Unreachable(Enum):
@@ -888,19 +893,20 @@ class PeerNode:
         chain, so that a peer never starts a new genesis, or builds on an older head, where the roots topic
         proves the chain went further (Redis restarted without persistence, was flushed, or an old backup).
 
-        Cost in the usual case (Redis not behind): one read of the Redis head, one fetch for the end of the
-        roots partition and its newest ROOTS_TAIL records, and one entry hash from Redis. The whole partition
+        Cost in the usual case (Redis not behind): one fetch for the end of the roots partition and its
+        newest ROOTS_TAIL records (the worker reads them for all the shards it takes at once), one read of the
+        Redis head and one entry hash from Redis. The whole partition
         is read (and every root in it verified) only when that tail proves the chain went further than Redis,
         disagrees with it, or holds no valid root (a new chain: its partition is empty). Redis errors go to
         the caller (`assign` waits for Redis and tries again).
         """
-        if self.roots_source is None or __import__("os").environ.get("KNHK_TMP_NO_RESTORE"):  # TEMP
+        if self.roots_source is None:
             return
+        tail = self._read_roots(shard, ROOTS_TAIL)  # before the head: a root is published only after its append
         try:
             head = self.store.head(shard)
         except ValueError:
             return  # an unreadable head: `_resume` blocks the shard on it
-        tail = self._read_roots(shard, ROOTS_TAIL)
         whole = len(tail) < ROOTS_TAIL  # the tail is the whole partition
         newest = max(self._roots_of(shard, None, None, tail).values(), key=lambda ce: ce.entry.cycle, default=None)
         if newest is not None and head is not None and newest.entry.cycle <= head.cycle:
@@ -932,6 +938,8 @@ class PeerNode:
         assert self.roots_source is not None
         try:
             return list(self.roots_source(shard, last))
+        except Interrupt:
+            raise
         except Exception as e:  # the roots topic may be unreachable: tried again later
             log.error("shard %d: cannot read the roots topic to restore entries Redis lost: %s", shard, e)
             return []

@@ -36,7 +36,17 @@ from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.latency_trace import LatencyTrace, wall_ms
-from knhk_stream.runtime.node import NodeLimits, Outbound, PeerNode, Record, marker_out, now_ms, root_out
+from knhk_stream.runtime.node import (
+    ROOTS_TAIL,
+    Interrupt,
+    NodeLimits,
+    Outbound,
+    PeerNode,
+    Record,
+    marker_out,
+    now_ms,
+    root_out,
+)
 from knhk_stream.runtime.telemetry import Telemetry
 
 __all__ = ["Stopped", "Worker", "WorkerOptions", "from_message", "now_ms", "records"]
@@ -57,7 +67,7 @@ _UNREACHABLE = {
 KAFKA_CHECK_S = 5.0  # one start-up request to Kafka
 
 
-class Stopped(Exception):
+class Stopped(Interrupt):
     """Raised out of a wait that does not look at the stop flag itself, when the worker is asked to stop."""
 
 
@@ -186,6 +196,7 @@ class Worker:
         self.producer = Producer({**common, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
         self._common = {k: v for k, v in common.items() if k != "error_cb"}
         self.node.roots_source = self._roots_of  # to restore entries Redis lost
+        self._tails: dict[int, list[bytes | None]] = {}  # roots-topic tails read for the shards being taken
         self._undelivered: list[Vote] = []
         self._failed: list[str] = []
         self._roots_acked: list[CommittedEntry] = []
@@ -477,10 +488,26 @@ class Worker:
 
     def _roots_of(self, shard: int, last: int | None = None) -> Iterable[bytes | None]:
         """The roots topic's records of a shard, oldest first, or only the newest `last` of them (the node
-        restores and re-appends entries Redis lost from it)."""
+        restores and re-appends entries Redis lost from it). Tails of the shards being taken are read once
+        for all of them (`_on_assign`)."""
         from knhk_stream.kafka.roots import partition_values  # kafka.roots imports this module
 
+        tail = self._tails.pop(shard, None)
+        if last is not None and tail is not None and last <= ROOTS_TAIL:
+            return tail[-last:]
         return partition_values(self._common, self.topics.roots.name, shard, last=last)
+
+    def _read_tails(self, shards: list[int]) -> None:
+        """The newest ROOTS_TAIL roots of every shard taken, in one read: taking shards stays quick."""
+        from knhk_stream.kafka.roots import partitions_values  # kafka.roots imports this module
+
+        try:
+            self._tails = partitions_values(self._common, self.topics.roots.name, shards, last=ROOTS_TAIL)
+        except Stopped:
+            raise
+        except Exception as e:  # the node reads each shard again itself (and says so if it cannot)
+            log.warning("cannot read the roots topic's newest records of shards %s: %s", shards, e)
+            self._tails = {}
 
     def _confirm_roots(self) -> None:
         if self._roots_acked:
@@ -512,13 +539,21 @@ class Worker:
         self._wait_for_redis()
         votes_parts = []
         self.waiting = True  # PeerNode.assign waits for Redis without looking at the stop flag
+        taken: list[int] = []
         try:
+            self._read_tails([p.partition for p in partitions])
             for p in partitions:
                 at = self.node.assign(p.partition)
+                taken.append(p.partition)
                 p.offset = at.next_offset
                 votes_parts.append(TopicPartition(self.topics.votes.name, p.partition, at.votes_offset))
+        except BaseException:
+            for shard in taken:  # stopped halfway: give back what the consumers never got assigned
+                self.node.revoke(shard)
+            raise
         finally:
             self.waiting = False
+            self._tails = {}
         consumer.assign(partitions)
         self.votes.incremental_assign(votes_parts)
 
