@@ -253,7 +253,7 @@ class FaustPeer:
                         "table_standby_replicas > 0, or run one worker)",
                         shard,
                     )
-                at = self.node.assign(shard)
+                at = self.node.assign(shard, stop=lambda: self._stopping)
                 self._held[shard] = _Held(generation, at.next_offset - 1, at.votes_offset - 1, at.next_offset)
             if shards:
                 log.info("peer %s holds shards %s (generation %s)", self.peer_id, shards, generation)

@@ -283,9 +283,11 @@ class PeerNode:
 
     # -- shards -----------------------------------------------------------------------------
 
-    def assign(self, shard: int) -> Assignment:
+    def assign(self, shard: int, stop: Callable[[], bool] | None = None) -> Assignment:
         """Take a shard: find this peer's resume point (waiting for Redis if it is down).
 
+        While Redis is down this waits, looking at `stop` every 0.1 s: once it says
+        so, `Interrupt` ends the wait (a caller stopping must not hang on an outage).
         Committed roots that may never have reached the roots topic (their appender
         crashed) come out of the next `commit_ready()` to be published again.
         """
@@ -296,7 +298,10 @@ class PeerNode:
                 break
             except REDIS_ERRORS as e:
                 self._redis_unavailable(e)
-                time.sleep(1)
+                for _ in range(10):
+                    if stop is not None and stop():
+                        raise Interrupt(f"stopped while waiting for Redis to take shard {shard}") from None
+                    time.sleep(0.1)
         self._redis_available()
         self.engine.assign(shard, point)
         self._halted.pop(shard, None)

@@ -538,12 +538,12 @@ class Worker:
             raise Stopped("stop requested before the shards were taken")
         self._wait_for_redis()
         votes_parts = []
-        self.waiting = True  # PeerNode.assign waits for Redis without looking at the stop flag
+        self.waiting = True  # a signal also ends a Kafka read of the roots topic (Stopped)
         taken: list[int] = []
         try:
             self._read_tails([p.partition for p in partitions])
             for p in partitions:
-                at = self.node.assign(p.partition)
+                at = self.node.assign(p.partition, stop=self.stopping)
                 taken.append(p.partition)
                 p.offset = at.next_offset
                 votes_parts.append(TopicPartition(self.topics.votes.name, p.partition, at.votes_offset))
