@@ -77,9 +77,18 @@ class SteadyProducer:
     """Produces deltas at a steady rate (in a thread) and keeps each record's acknowledgement time."""
 
     def __init__(
-        self, bootstrap: str, topic: str, rate: float, seconds: float, seed: int = 11, linger_ms: int = 0
+        self,
+        bootstrap: str,
+        topic: str,
+        rate: float,
+        seconds: float,
+        seed: int = 11,
+        linger_ms: int = 0,
+        keep_acks: bool = True,
     ) -> None:
-        """linger_ms 0 for latency runs (each delta leaves at once); more batches them (less broker load)."""
+        """linger_ms 0 for latency runs (each delta leaves at once); more batches them (less broker load).
+        keep_acks False keeps no per-record acknowledgement (a long soak would hold millions)."""
+        self.keep_acks = keep_acks
         self.bootstrap, self.topic, self.rate, self.seconds = bootstrap, topic, rate, seconds
         self.linger_ms = linger_ms
         # A pool of distinct deltas, produced round and round (long runs need not hold them all).
@@ -87,6 +96,7 @@ class SteadyProducer:
         self.acked: dict[tuple[int, int], float] = {}  # (partition, offset) -> ms when acknowledged
         self.ack_latency: list[float] = []  # produce() -> acknowledgement, ms
         self.produced = 0
+        self.delivered = 0
         self.errors: list[str] = []
         self.started_ms = 0.0
         self.ended_ms = 0.0
@@ -98,6 +108,9 @@ class SteadyProducer:
             self.errors.append(str(err))
             return
         # librdkafka's own produce() -> acknowledgement time: not delayed by when this callback runs
+        self.delivered += 1
+        if not self.keep_acks:
+            return
         lat = msg.latency()
         lat_ms = lat * 1000 if lat is not None else time.time() * 1000 - sent_ms
         self.acked[(msg.partition(), msg.offset())] = sent_ms + lat_ms

@@ -31,9 +31,12 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             w.wait_assigned(SHARDS)
             pid = w.procs["peer-a"].pid
             idle = rss_mb(pid)
-            prod = SteadyProducer(env.bootstrap, topics.deltas.name, args.memory_rate, secs, seed=3, linger_ms=20)
+            prod = SteadyProducer(
+                env.bootstrap, topics.deltas.name, args.memory_rate, secs, seed=3, linger_ms=20, keep_acks=False
+            )
             prod.start()
             samples: list[tuple[float, float]] = []
+            progress: list[tuple[float, int, int]] = []  # (s, produced, committed receipts): the worker keeps up
             t0 = time.monotonic()
             committed = Committed(store)
             next_sample = 0.0
@@ -46,8 +49,9 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
                     if v is not None:
                         samples.append((now, v))
                         if len(samples) % 30 == 0:
-                            log(f"    {now:6.0f}s  RSS {v:.1f} MB")
-                    committed.poll()  # follows the chain as it grows (reads only the new entries)
+                            _t, produced, done = progress[-1] if progress else (0, 0, 0)
+                            log(f"    {now:6.0f}s  RSS {v:.1f} MB; produced {produced:,}, committed {done:,}")
+                    progress.append((round(now, 1), prod.produced, committed.poll()))  # reads only new entries
                 time.sleep(min(1.0, every))
             prod.join()
             try:
@@ -86,6 +90,11 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
                 "second_half_slope_mb_per_min": slope,
                 "flat": flat,
                 "samples": [(round(t, 1), round(v, 2)) for t, v in samples],
+                "progress": progress,
+                "produced": prod.produced,
+                "delivered": prod.delivered,
+                "rate_achieved": round(prod.produced / max(1e-9, (prod.ended_ms - prod.started_ms) / 1000)),
+                "producer_behind_s": round(prod.behind_s, 3),
             },
             note=f"start {rss[0]:.1f}, peak {max(rss):.1f}, end {rss[-1]:.1f} MB; second half "
             f"{growth:+.1f} MB ({slope:+.3f} MB/min, flat below {FLAT_MB_PER_MIN}): {'flat' if flat else 'GROWING'}",

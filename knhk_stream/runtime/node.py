@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from knhk_stream.protocol.beats import beat_end_ms, beat_ms
 from knhk_stream.protocol.committed import CommittedEntry
-from knhk_stream.protocol.consensus import Consensus
+from knhk_stream.protocol.consensus import Consensus, Ready
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
@@ -104,6 +104,9 @@ BAD_LOGS_PER_MINUTE = 10  # hostile records logged one by one per topic and shar
 ALARM_KEEP_MS = 3_600_000  # how long an alarm stays in this peer's report (status)
 MAX_ALARMS = 10  # alarms kept per shard in the report
 MAX_APPEND_RUN = 64  # consecutive ready entries of a shard appended in one Lua call (one round trip)
+# The first appender of a cycle is one peer, by turns (peer ids in order, cycle mod n); the others append
+# (in the same run, or after this wait: one beat per peer twice over, within these bounds) only should it not.
+FIRST_APPENDER_WAIT_S = (0.02, 0.1)
 MAX_OWN_VOTES = 4096  # own votes' records remembered until read back (so they are neither decoded nor verified)
 ROOTS_TAIL = 64  # newest roots-topic records read when taking a shard, to see whether Redis lost entries
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
@@ -258,6 +261,9 @@ class PeerNode:
         self._health_written = 0.0
         self._evidence_due: list[Outbound] = []
         self._own_votes: dict[bytes, Vote] = {}  # value of a vote record this node made -> the vote (vote_record)
+        self._checked_stored: dict[int, dict[int, CommittedEntry]] = {}  # shard -> cycle -> stored copy verified
+        self._ready_since: dict[int, tuple[int, float]] = {}  # shard -> (cycle, since when) of the oldest ready entry
+        self._turns: dict[int, tuple[str, ...]] = {}  # epoch number -> its peer ids in order (first appenders)
         self._rejected: dict[int, RejectedCount] = {}  # shard -> receipts of the beats closed since it was taken
 
     @classmethod
@@ -326,7 +332,8 @@ class PeerNode:
         self.engine.revoke(shard)
         for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked,
                           self._halted, self._blocked, self._recent, self._forged_checkpoint,
-                          self._republish_upto, self._roots_read, self._alarms, self._rejected):  # fmt: skip
+                          self._republish_upto, self._roots_read, self._alarms, self._rejected,
+                          self._ready_since, self._checked_stored):  # fmt: skip
             per_shard.pop(shard, None)
         self._blocked_until_retaken.discard(shard)
         self._to_publish = [ce for ce in self._to_publish if ce.entry.shard != shard]
@@ -391,13 +398,21 @@ class PeerNode:
             return
         start = None if published is None else published + 1
         found: list[CommittedEntry] = []
+        # stored entries checked in an earlier round (the mark lags while peers take turns): not checked again
+        checked = self._checked_stored.setdefault(shard, {})
+        for c in [c for c in checked if start is not None and c < start]:
+            del checked[c]
         for cycle, raw in self.store.raw_range(shard, start, head_cycle):  # all read before anything is queued
             try:
                 ce = CommittedEntry.from_mapping(raw)
             except (ValueError, KeyError, TypeError):
                 break  # the mark cannot move over an entry that cannot be read
-            if ce.entry.cycle != cycle or committed_problem(self.settings, ce, shard) is not None:
-                break
+            if checked.get(cycle) != ce:
+                if ce.entry.cycle != cycle or committed_problem(self.settings, ce, shard) is not None:
+                    break
+                checked[cycle] = ce
+                while len(checked) > MAX_REPUBLISH:
+                    del checked[next(iter(checked))]
             found.append(ce)
             if len(found) >= MAX_REPUBLISH:
                 break
@@ -675,35 +690,78 @@ class PeerNode:
         return out
 
     def _commit_shard(self, shard: int, out: list[CommittedEntry]) -> bool:
-        """Commit what is ready on one shard; False only when Redis is unreachable.
-
-        Two or more consecutive ready entries go in one atomic Lua call (one round trip); should
-        the run be refused (a fork or a hole anywhere writes nothing), they are appended one by one
-        (`_commit_one_by_one`), which finds and reports what is wrong as it always did."""
-        while len(run := self.consensus.ready_run(shard, MAX_APPEND_RUN)) > 1:
-            at = now_ms()
-            ces = [CommittedEntry.from_quorum(r.entry, r.votes, self.peer_id, at) for r in run]
-            try:
-                written = self.store.append_run(ces)
-            except (NotNextError, ForkError):
-                break
-            except REDIS_ERRORS as e:
-                self._redis_unavailable(e)
+        """Commit what is ready on one shard, in this peer's turns (`_my_part`); False only when Redis is
+        unreachable. Two or more consecutive entries go in one atomic Lua call (`_append_run`)."""
+        while run := self.consensus.ready_run(shard, MAX_APPEND_RUN):
+            run = self._my_part(shard, run)
+            if not run:
+                return True  # another peer's turn: it appends first
+            head = self.consensus.views[shard].head_cycle
+            ok = self._commit_one_by_one(shard, out, 1) if len(run) == 1 else self._append_run(shard, run, out)
+            if not ok:
                 return False
-            self._redis_available()
-            for ce, w in zip(ces, written, strict=True):
-                prior = self.consensus.views[shard].head_cycle
-                self._remember(ce)
-                if w:
-                    out.append(ce)
-                    self._prior[(shard, ce.entry.cycle)] = prior
-                    self._committed(ce)
-                self._advance(shard, ce.entry.cycle, ce.entry_hash)
-        return self._commit_one_by_one(shard, out)
+            if self.consensus.views[shard].head_cycle == head:
+                return True  # refused and reported: tried again at the next step
+        return True
 
-    def _commit_one_by_one(self, shard: int, out: list[CommittedEntry]) -> bool:
-        """Commit what is ready on one shard, an append per entry; False only when Redis is unreachable."""
-        while (ready := self.consensus.next_ready(shard)) is not None:
+    def _append_run(self, shard: int, run: Sequence[Ready], out: list[CommittedEntry]) -> bool:
+        """Append consecutive ready entries in one call; should the run be refused (a fork or a hole
+        anywhere writes nothing), append them one by one, which finds and reports what is wrong."""
+        at = now_ms()
+        ces = [CommittedEntry.from_quorum(r.entry, r.votes, self.peer_id, at) for r in run]
+        try:
+            written = self.store.append_run(ces)
+        except (NotNextError, ForkError):
+            return self._commit_one_by_one(shard, out, len(ces))
+        except REDIS_ERRORS as e:
+            self._redis_unavailable(e)
+            return False
+        self._redis_available()
+        for ce, w in zip(ces, written, strict=True):
+            prior = self.consensus.views[shard].head_cycle
+            self._remember(ce)
+            if w:
+                out.append(ce)
+                self._prior[(shard, ce.entry.cycle)] = prior
+                self._committed(ce)
+            self._advance(shard, ce.entry.cycle, ce.entry_hash)
+        return True
+
+    def _my_part(self, shard: int, run: list[Ready]) -> list[Ready]:
+        """What of the ready run this peer appends now: up to its last turn as first appender in it,
+        or all of it once the oldest has waited for another (dead, slow) first appender; else nothing.
+        Any peer may append and the Lua script stays the arbiter: the turns spare the others a round
+        trip a beat (they find the entries there when they append later, in one call)."""
+        mine = [i for i, r in enumerate(run) if self._first_appender(r.entry.cycle) == self.peer_id]
+        if mine:
+            self._ready_since.pop(shard, None)
+            return run[: mine[-1] + 1]
+        oldest = run[0].entry.cycle
+        since = self._ready_since.get(shard)
+        t = time.monotonic()
+        if since is None or since[0] != oldest:
+            self._ready_since[shard] = since = (oldest, t)
+        n = len(self.settings.epoch_for(oldest).peers)
+        low, high = FIRST_APPENDER_WAIT_S
+        if t - since[1] < min(high, max(low, 2 * n * beat_ms(self.settings.tick_ms) / 1000)):
+            return []
+        self._ready_since.pop(shard, None)
+        return run
+
+    def _first_appender(self, cycle: int) -> str:
+        """The peer that appends `cycle` first: the epoch's peer ids in order, by turns (cycle mod n)."""
+        epoch = self.settings.epoch_for(cycle)
+        turns = self._turns.get(epoch.number)
+        if turns is None:
+            turns = self._turns[epoch.number] = tuple(sorted(epoch.public_keys))
+        return turns[cycle % len(turns)]
+
+    def _commit_one_by_one(self, shard: int, out: list[CommittedEntry], limit: int | None = None) -> bool:
+        """Commit what is ready on one shard (at most `limit` entries), an append per entry; False only
+        when Redis is unreachable."""
+        tries = 0
+        while (limit is None or tries < limit) and (ready := self.consensus.next_ready(shard)) is not None:
+            tries += 1
             ce = CommittedEntry.from_quorum(ready.entry, ready.votes, self.peer_id, now_ms())
             prior = self.consensus.views[shard].head_cycle
             try:

@@ -65,6 +65,10 @@ _UNREACHABLE = {
 
 
 KAFKA_CHECK_S = 5.0  # one start-up request to Kafka
+# What the worker's own share of commit latency depends on (issue 14); --kafka-config overrides both settings.
+FETCH_WAIT_MS = 10  # fetch.wait.max.ms: a broker that holds a fetch for the whole wait (Tansu) adds up to this
+VOTE_LINGER_MS = 1  # linger.ms: votes of one step leave together (fewer requests for a busy broker)
+STEP_WAIT_S = 0.002  # a step gathers deltas this long (or a full batch): at most ~500 steps a second
 
 
 class Stopped(Interrupt):
@@ -176,7 +180,7 @@ class Worker:
                 "group.id": self.group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 20,
+                "fetch.wait.max.ms": config.get("fetch.wait.max.ms", FETCH_WAIT_MS),
                 "isolation.level": "read_committed",
                 "session.timeout.ms": options.session_timeout_ms,
                 "heartbeat.interval.ms": min(1000, options.session_timeout_ms // 3),
@@ -190,14 +194,17 @@ class Worker:
                 "group.id": f"{self.group_id}.votes.{uuid.uuid4().hex[:8]}",
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "fetch.wait.max.ms": 20,
+                "fetch.wait.max.ms": config.get("fetch.wait.max.ms", FETCH_WAIT_MS),
             }
         )
-        self.producer = Producer({**common, "acks": "all", "linger.ms": 2, "enable.idempotence": True})
+        self.producer = Producer(
+            {**common, "acks": "all", "linger.ms": config.get("linger.ms", VOTE_LINGER_MS), "enable.idempotence": True}
+        )
         self._common = {k: v for k, v in common.items() if k != "error_cb"}
         self.node.roots_source = self._roots_of  # to restore entries Redis lost
         self._tails: dict[int, list[bytes | None]] = {}  # roots-topic tails read for the shards being taken
-        self._undelivered: list[Vote] = []
+        self._undelivered: list[Vote] = []  # produced, not yet given to node.votes_delivered (in produce order)
+        self._acked: set[int] = set()  # id() of the votes in _undelivered the broker acknowledged
         self._failed: list[str] = []
         self._roots_acked: list[CommittedEntry] = []
         self._trace = LatencyTrace.from_env()  # off unless KNHK_STREAM_LATENCY_TRACE is set (the bench sets it)
@@ -364,7 +371,13 @@ class Worker:
     # -- one step -------------------------------------------------------------------------
 
     def step(self) -> None:
-        msgs = self.deltas.consume(self.opts.batch, timeout=0.05)
+        """One round: deltas in, votes out, votes in, appends, roots and markers out; nothing waits for the broker.
+
+        consume(n, timeout) returns after n records or the whole timeout: STEP_WAIT_S bounds both a
+        record's wait and how often the loop turns. Votes are confirmed to the node (checkpoints,
+        offsets) as their acknowledgements come, never waited for here.
+        """
+        msgs = self.deltas.consume(self.opts.batch, timeout=STEP_WAIT_S)
         trace = self._trace
         arrived = wall_ms() if trace is not None else 0.0
         self._report_kafka()
@@ -377,8 +390,8 @@ class Worker:
                 self._publish_vote(vote)
             for shard in self.node.take_halted():  # its open beat passed its bounds: read no more of it
                 self.deltas.pause([TopicPartition(self.topics.deltas.name, shard)])
-        if self._undelivered:
-            self._deliver_votes()
+        if self._failed:
+            self._deliver_votes()  # retried, waiting: no checkpoint moves past a vote not delivered
         vote_records = records(self.votes.consume(10_000, timeout=0))
         if trace is not None and vote_records:
             trace.votes_read(((r.partition, r.offset) for r in vote_records), wall_ms())
@@ -391,6 +404,8 @@ class Worker:
         for out in self.node.evidence_due():
             self._publish_evidence(out)
         self.producer.poll(0)
+        if self._undelivered:
+            self._confirm_votes()
         self._confirm_roots()
 
     def _check_timestamp_type(self, msgs: list[Message]) -> None:
@@ -422,13 +437,19 @@ class Worker:
         self.producer.produce(topic, **kwargs)
 
     def _publish_vote(self, vote: Vote) -> None:
-        self._produce(self.topics.votes.name, self.node.vote_record(vote), self._on_vote_delivery)
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            self._on_vote_delivery(err, msg, vote)
+
+        self._produce(self.topics.votes.name, self.node.vote_record(vote), delivered)
         self._undelivered.append(vote)
 
-    def _on_vote_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_vote_delivery(self, err: KafkaError | None, msg: Message, vote: Vote | None = None) -> None:
         if err is not None:
             self._failed.append(f"{msg.key()!r}: {err}")
-        elif self._trace is not None:
+            return
+        if vote is not None:
+            self._acked.add(id(vote))
+        if self._trace is not None:
             self._trace.vote_acked(msg.partition(), msg.offset(), (msg.latency() or 0.0) * 1000)
 
     def _deliver_votes(self) -> None:
@@ -449,6 +470,7 @@ class Worker:
                     self._failed[:1] or f"{remaining} in flight",
                 )
                 self._undelivered, self._failed = [], []
+                self._acked.clear()
                 return
             log.error("votes not delivered (%s); retrying", self._failed or f"{remaining} in flight")
             self._failed.clear()
@@ -457,6 +479,25 @@ class Worker:
                 self._publish_vote(v)
             self._stop.wait(0.5)
         votes, self._undelivered = self._undelivered, []
+        self._acked.clear()
+        self._votes_confirmed(votes)
+
+    def _confirm_votes(self) -> None:
+        """Give the node the acknowledged votes from the oldest on (a vote still in flight stops the run,
+        so no checkpoint or offset moves past it)."""
+        n = 0
+        for v in self._undelivered:
+            if id(v) not in self._acked:
+                break
+            self._acked.discard(id(v))
+            n += 1
+        if n:
+            votes = self._undelivered[:n]
+            del self._undelivered[:n]
+            self._votes_confirmed(votes)
+
+    def _votes_confirmed(self, votes: list[Vote]) -> None:
+        """The votes are on the topic: the node checkpoints; the consumer commits those beat boundaries."""
         offsets = self.node.votes_delivered(votes)
         if offsets:
             tps = [TopicPartition(self.topics.deltas.name, s, o) for s, o in offsets.items()]

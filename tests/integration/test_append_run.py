@@ -5,6 +5,8 @@ its own votes read back; votes after a quorum are not verified; the chain commit
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,6 +17,7 @@ from knhk_stream.protocol.wire import encode_vote
 from knhk_stream.runtime.node import PeerNode, Record
 from knhk_stream.store.lockchain import ForkError, LockchainError, LockchainStore, NotNextError, verify_range
 from tests.integration.test_store import make_chain
+from tests.support.cluster import SHARDS, Cluster
 
 
 @pytest.fixture()
@@ -89,6 +92,18 @@ def _beats(nodes: dict[str, PeerNode], beats: int) -> list:
     return votes
 
 
+def _commit_all(*nodes: PeerNode) -> None:
+    """commit_ready until nothing is left: the last cycles may be other peers' turns, waited for."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for n in nodes:
+            n.commit_ready()
+        if all(n.consensus.ready_run(0, 1) == [] for n in nodes):
+            return
+        time.sleep(0.01)
+    raise AssertionError("entries with a quorum were left uncommitted")
+
+
 def test_own_votes_are_not_decoded_or_verified_and_the_chain_is_the_same(store, settings, peer_keys):
     nodes = _nodes(settings, peer_keys, store)
     a = nodes["peer-a"]
@@ -96,7 +111,7 @@ def test_own_votes_are_not_decoded_or_verified_and_the_chain_is_the_same(store, 
     records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
     a.on_vote_records(records)
     assert not a._own_votes  # each of its own records was recognized as made, so taken as verified
-    assert a.commit_ready()
+    _commit_all(a)
     stored = _stored(store)
     assert [ce.entry.cycle for ce in stored] == list(range(1000, 1030))
     # peer-d's vote of each beat came after the quorum: neither verified nor counted, nor in the entry
@@ -116,3 +131,69 @@ def test_a_forged_copy_of_an_own_vote_is_verified(store, settings, peer_keys):
     a.on_vote_records([Record(0, 0, 0, None, encode_vote(forged))])
     assert a.stats["bad_records"] == 1
     assert a.consensus.collector.held_votes(0) == 0
+
+
+def test_first_appenders_take_turns_and_each_writes_only_its_own_turns(store, settings, peer_keys):
+    """Each cycle has one first appender (peer ids in order, by turns): a peer appends as soon as a run of
+    ready entries holds one of its turns, up to its last turn in it (the entries before ride along, found
+    there or written), never past it."""
+    nodes = _nodes(settings, peer_keys, store)
+    made = _beats(nodes, 24)
+    records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
+    turns = sorted(nodes)
+    for n in nodes.values():
+        n.on_vote_records(records)
+    for n in nodes.values():  # each appends its turns (and what comes before them) at once
+        n.commit_ready()
+    wrote = {p: sorted(ce.entry.cycle for ce in store.range(0) if ce.committed_by == p) for p in nodes}
+    assert [ce.entry.cycle for ce in store.range(0)] == list(range(1000, 1024))
+    # peer-a looked first: everything up to its last turn (1020); each of the others then its own turn
+    assert wrote == {"peer-a": list(range(1000, 1021)), "peer-b": [1021], "peer-c": [1022], "peer-d": [1023]}
+    assert [turns[c % 4] for c in (1020, 1021, 1022, 1023)] == ["peer-a", "peer-b", "peer-c", "peer-d"]
+    _commit_all(*nodes.values())  # the others confirm later (found there: nothing written twice)
+    assert sum(n.stats["appended"] for n in nodes.values()) == 24
+    assert verify_range(store, settings, 0).ok
+
+
+def test_a_dead_first_appender_delays_nothing_but_its_own_last_turn(store, settings, peer_keys):
+    """peer-d never runs (threshold 3 of 4): its turns are appended by the next peer whose turn comes,
+    in the same run, and the last one after the wait. Every cycle is committed."""
+    nodes = _nodes(settings, {p: k for p, k in peer_keys.items() if p != "peer-d"}, store)
+    made = _beats(nodes, 16)  # cycles 1000..1015: peer-d's turns are 1003, 1007, 1011 and 1015
+    records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
+    for n in nodes.values():
+        n.on_vote_records(records)
+    for n in nodes.values():
+        n.commit_ready()
+    assert [ce.entry.cycle for ce in store.range(0)] == list(range(1000, 1015))  # 1015 waits for peer-d
+    time.sleep(0.11)  # FIRST_APPENDER_WAIT_S at most
+    for n in nodes.values():
+        n.commit_ready()
+    stored = store.range(0)
+    assert [ce.entry.cycle for ce in stored] == list(range(1000, 1016))
+    assert {ce.committed_by for ce in stored if ce.entry.cycle % 4 == 3} <= {"peer-a", "peer-b", "peer-c"}
+    assert verify_range(store, settings, 0).ok
+
+
+@pytest.fixture()
+def cluster(tmp_path, broker, redis_url) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, broker.bootstrap, redis_url)
+    yield c
+    c.close()
+
+
+@pytest.mark.integration
+def test_real_workers_commit_every_beat_with_a_first_appender_dead(cluster):
+    """Three of four workers (threshold 3): peer-d, the first appender of every fourth cycle, never runs.
+    Its turns are appended by the others; every delta is committed, each cycle once, and the chain verifies."""
+    for p in ("peer-a", "peer-b", "peer-c"):
+        cluster.start(p)
+    cluster.wait_joined("peer-a", "peer-b", "peer-c")
+    cluster.produce(3000, rate=3000)
+    cluster.wait_all_committed()
+    assert cluster.committed_receipts() == cluster.delta_records()
+    for shard in range(SHARDS):
+        stored = cluster.store.range(shard)
+        assert all(ce.committed_by != "peer-d" for ce in stored)
+        assert verify_range(cluster.store, cluster.settings, shard).ok
+    cluster.assert_chains_match_replay()
