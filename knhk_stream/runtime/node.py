@@ -105,8 +105,9 @@ ALARM_KEEP_MS = 3_600_000  # how long an alarm stays in this peer's report (stat
 MAX_ALARMS = 10  # alarms kept per shard in the report
 MAX_APPEND_RUN = 64  # consecutive ready entries of a shard appended in one Lua call (one round trip)
 # The first appender of a cycle is one peer, by turns (peer ids in order, cycle mod n); the others append
-# (in the same run, or after this wait: one beat per peer twice over, within these bounds) only should it not.
-FIRST_APPENDER_WAIT_S = (0.02, 0.1)
+# it in their own next turn's run or after this wait (two beats, within these bounds), should it not: the
+# wait is what a slow first appender adds (at tick_ms 125 a 100 ms wait made the p99 of our own share).
+FIRST_APPENDER_WAIT_S = (0.005, 0.02)
 MAX_OWN_VOTES = 4096  # own votes' records remembered until read back (so they are neither decoded nor verified)
 ROOTS_TAIL = 64  # newest roots-topic records read when taking a shard, to see whether Redis lost entries
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
@@ -741,9 +742,8 @@ class PeerNode:
         t = time.monotonic()
         if since is None or since[0] != oldest:
             self._ready_since[shard] = since = (oldest, t)
-        n = len(self.settings.epoch_for(oldest).peers)
         low, high = FIRST_APPENDER_WAIT_S
-        if t - since[1] < min(high, max(low, 2 * n * beat_ms(self.settings.tick_ms) / 1000)):
+        if t - since[1] < min(high, max(low, 2 * beat_ms(self.settings.tick_ms) / 1000)):
             return []
         self._ready_since.pop(shard, None)
         return run
