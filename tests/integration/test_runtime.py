@@ -106,11 +106,11 @@ def test_markers_close_beats_when_no_deltas_come(cluster):
 
 
 def test_status_reports_heads_and_agreement(cluster):
+    import json
+
     from click.testing import CliRunner
 
     from knhk_stream.cli.main import main
-
-    import json
 
     for peer in cluster.settings.peers:  # the default groups, which status reads the lag of
         cluster.start(peer.id, extra=("--group-id", f"knhk.{cluster.settings.chain_id}.{peer.id}"))
@@ -151,7 +151,8 @@ def test_status_reports_heads_and_agreement(cluster):
     # Rejected receipts per code: in status (as the peers counted them) and in `chain show --rejected` (replayed).
     malformed = sum(1 for d in synthetic_deltas(800, seed=7, malformed_every=50) if isinstance(d, bytes))
     assert malformed > 0
-    assert sum(st["rejected"]["by_code"].get("malformed", 0) for st in shards) == malformed, [st["rejected"] for st in shards]
+    counted = [st["rejected"] for st in shards]
+    assert sum(r["by_code"].get("malformed", 0) for r in counted) == malformed, counted
     assert all(set(st["rejected"]["by_code"]) <= {"malformed"} and st["rejected"]["receipts"] == 200 for st in shards)
     shown = CliRunner().invoke(main, [
         "chain", "show", "--settings", str(cluster.workdir / "chain.toml"), "--redis", cluster.redis_url,

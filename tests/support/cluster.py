@@ -41,6 +41,7 @@ class Cluster:
         self.settings: ChainSettings = write_chain(workdir, peers)
         self.store = LockchainStore.from_url(redis_url, self.settings.chain_id, self.prefix)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_from: dict[str, int] = {}  # name -> size of its log before its latest start
         self.produced = 0
 
     # -- peers ----------------------------------------------------------------------------
@@ -59,6 +60,8 @@ class Cluster:
             # producer's timestamp), so the workers may not insist on LogAppendTime; the
             # tests' producers are trusted. A test of the check itself passes False.
             extra = ("--allow-producer-timestamps", *extra)
+        log = self.workdir / f"{name or peer_id}.log"
+        self._log_from[name or peer_id] = log.stat().st_size if log.exists() else 0  # wait_joined: this start's lines
         p = start_worker(self.workdir, peer_id, self.bootstrap, self.redis_url, self.prefix, self.topic_prefix,
                          extra, settings_path=settings, log_name=name)  # fmt: skip
         self.procs[name or peer_id] = p
@@ -101,7 +104,8 @@ class Cluster:
     def wait_joined(self, *names: str, timeout: float = 60) -> None:
         """Until each named worker holds shards (so no peer misses the first beats)."""
         for name in names or tuple(self.procs):
-            self.wait_until(lambda n=name: "resume at offset" in self.log(n), timeout, f"{name} to hold shards")
+            self.wait_until(lambda n=name: "resume at offset" in self.log(n)[self._log_from.get(n, 0):], timeout,
+                            f"{name} to hold shards (since its latest start)")  # fmt: skip
 
     def log(self, name: str) -> str:
         return (self.workdir / f"{name}.log").read_text(errors="replace")
