@@ -23,7 +23,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TIMESTAMP_LOG_APPEND_TIME, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_LOG_APPEND_TIME,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from redis import ConnectionError as RedisConnectionError
 from redis import TimeoutError as RedisTimeoutError
@@ -68,6 +76,7 @@ KAFKA_CHECK_S = 5.0  # one start-up request to Kafka
 # What the worker's own share of commit latency depends on (issue 14); --kafka-config overrides both settings.
 FETCH_WAIT_MS = 10  # fetch.wait.max.ms: a broker that holds a fetch for the whole wait (Tansu) adds up to this
 VOTE_LINGER_MS = 1  # linger.ms: votes of one step leave together (fewer requests for a busy broker)
+FETCH_STALL_S = 10.0  # no record read past an offset this long, with this worker's marker acknowledged after it
 STEP_WAIT_S = 0.002  # a step gathers deltas this long (or a full batch): at most ~500 steps a second
 
 
@@ -203,6 +212,14 @@ class Worker:
         self._common = {k: v for k, v in common.items() if k != "error_cb"}
         self.node.roots_source = self._roots_of  # to restore entries Redis lost
         self._tails: dict[int, list[bytes | None]] = {}  # roots-topic tails read for the shards being taken
+        # The fetch watch: librdkafka's fetcher for a partition was seen to stop for good on the embedded
+        # broker while a fresh consumer read on (docs/tansu.md). A marker this worker wrote and the broker
+        # acknowledged proves there is a record to read; a position that stays behind it is fetched again.
+        self._marker_acked: dict[int, int] = {}  # shard -> offset of the newest acknowledged marker
+        self._fetch_seen: dict[int, tuple[int, float]] = {}  # shard -> (position, since when)
+        self._fetch_said: set[tuple[int, int]] = set()  # (shard, position) already logged
+        self._fetch_checked = 0.0
+        self._paused: set[int] = set()  # halted shards (their position stays put on purpose)
         self._undelivered: list[Vote] = []  # produced, not yet given to node.votes_delivered (in produce order)
         self._acked: set[int] = set()  # id() of the votes in _undelivered the broker acknowledged
         self._failed: list[str] = []
@@ -390,6 +407,7 @@ class Worker:
                 self._publish_vote(vote)
             for shard in self.node.take_halted():  # its open beat passed its bounds: read no more of it
                 self.deltas.pause([TopicPartition(self.topics.deltas.name, shard)])
+                self._paused.add(shard)
         if self._failed:
             self._deliver_votes()  # retried, waiting: no checkpoint moves past a vote not delivered
         vote_records = records(self.votes.consume(10_000, timeout=0))
@@ -400,13 +418,57 @@ class Worker:
             self._publish_root(ce)
         if self.opts.markers:
             for shard in self.node.markers_due(now_ms()):
-                self._produce(self.topics.deltas.name, marker_out(shard))
+                self._produce(self.topics.deltas.name, marker_out(shard), self._on_marker_delivery)
         for out in self.node.evidence_due():
             self._publish_evidence(out)
         self.producer.poll(0)
         if self._undelivered:
             self._confirm_votes()
+        self._watch_fetching()
         self._confirm_roots()
+
+    def _on_marker_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None and msg.offset() is not None and msg.offset() >= 0:
+            p = msg.partition()
+            self._marker_acked[p] = max(self._marker_acked.get(p, -1), msg.offset())
+
+    def _watch_fetching(self) -> None:
+        """Once a second: a held shard whose position has not moved for FETCH_STALL_S although a marker of
+        this worker is on the topic at or after it is fetched again from that position (a seek)."""
+        now = time.monotonic()
+        if now - self._fetch_checked < 1.0:
+            return
+        self._fetch_checked = now
+        held = [s for s in self.node.shards if s not in self._paused]
+        if not held:
+            return
+        try:
+            positions = self.deltas.position([TopicPartition(self.topics.deltas.name, s) for s in held])
+        except KafkaException:
+            return  # during a rebalance: looked at again in a second
+        for tp in positions:
+            shard, pos = tp.partition, tp.offset
+            seen = self._fetch_seen.get(shard)
+            acked = self._marker_acked.get(shard, -1)
+            if pos < 0 or acked < pos or seen is None or seen[0] != pos:
+                self._fetch_seen[shard] = (pos, now)
+                continue
+            if now - seen[1] < FETCH_STALL_S:
+                continue
+            if (shard, pos) not in self._fetch_said:
+                self._fetch_said.add((shard, pos))
+                log.warning(
+                    "shard %d: nothing read past offset %d for %.0f s although this worker's marker at offset %d "
+                    "is on the topic: fetching again from %d. If it recurs at the same offset, an open "
+                    "transaction holds the last stable offset there (see `knhk-stream status`)",
+                    shard, pos, now - seen[1], acked, pos,
+                )  # fmt: skip
+            self.node.stats["fetch_restarts"] = self.node.stats.get("fetch_restarts", 0) + 1
+            try:
+                self.deltas.seek(TopicPartition(self.topics.deltas.name, shard, pos))
+            except KafkaException as e:
+                log.warning("shard %d: fetching again from offset %d failed (%s); tried again", shard, pos, e)
+            self._fetch_seen[shard] = (pos, now)
 
     def _check_timestamp_type(self, msgs: list[Message]) -> None:
         """Once: say so if the first record carries a producer's timestamp although the topic is LogAppendTime.
@@ -606,6 +668,8 @@ class Worker:
         gone = [p.partition for p in partitions if p.partition in held]
         for shard in gone:
             self.node.revoke(shard)
+            self._paused.discard(shard)
+            self._fetch_seen.pop(shard, None)
         if gone:
             self.votes.incremental_unassign([TopicPartition(self.topics.votes.name, s) for s in gone])
             log.info("shards %s revoked", gone)
