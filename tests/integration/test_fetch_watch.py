@@ -44,9 +44,14 @@ def test_a_shard_whose_fetching_stops_is_logged_and_fetched_again(tmp_path, brok
         # worker keeps writing markers to close it: they are acknowledged after a position that stays put.
         feed = threading.Thread(target=c.produce, args=(400,), kwargs={"rate": 100}, daemon=True)
         feed.start()
-        c.wait_until(lambda: c.committed_receipts() > 60 and w.node.engine.open_beat(0)[2] > 0, 30,
-                     "shard 0's open beat to hold deltas")  # fmt: skip
-        w.deltas.pause([TopicPartition(c.topics.deltas.name, 0)])
+        tp = TopicPartition(c.topics.deltas.name, 0)
+        for _ in range(10):  # paused at a moment its open beat holds deltas (not just after a marker closed it)
+            c.wait_until(lambda: w.node.engine.open_beat(0)[2] > 0, 30, "shard 0's open beat to hold deltas")
+            w.deltas.pause([tp])
+            time.sleep(0.5)  # a step in flight may still hand over what it fetched
+            if w.node.engine.open_beat(0)[2] > 0:
+                break
+            w.deltas.resume([tp])
         feed.join(30)
         c.wait_until(lambda: w.stats.get("fetch_restarts", 0) > 0, 40, "the fetch watch to notice shard 0",
                      lambda: (w._marker_acked, w._fetch_seen, w.node.engine.open_beat(0), w.stats))  # fmt: skip
@@ -55,7 +60,7 @@ def test_a_shard_whose_fetching_stops_is_logged_and_fetched_again(tmp_path, brok
         assert "fetching again from" in said[0]
         time.sleep(12)  # another round of the watch at the same position: fetched again, not logged again
         assert len([r for r in caplog.records if "nothing read past offset" in r.getMessage()]) == len(said)
-        w.deltas.resume([TopicPartition(c.topics.deltas.name, 0)])
+        w.deltas.resume([tp])
         c.produce(40, rate=0)
         c.wait_until(lambda: c.committed_receipts() == 480, 30, "shard 0 to go on")
     finally:
