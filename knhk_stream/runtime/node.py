@@ -719,13 +719,7 @@ class PeerNode:
             return False
         self._redis_available()
         for ce, w in zip(ces, written, strict=True):
-            prior = self.consensus.views[shard].head_cycle
-            self._remember(ce)
-            if w:
-                out.append(ce)
-                self._prior[(shard, ce.entry.cycle)] = prior
-                self._committed(ce)
-            self._advance(shard, ce.entry.cycle, ce.entry_hash)
+            self._appended(shard, ce, w, self.consensus.views[shard].head_cycle, out)
         return True
 
     def _my_part(self, shard: int, run: list[Ready]) -> list[Ready]:
@@ -784,13 +778,19 @@ class PeerNode:
                 self._redis_unavailable(e)
                 return False
             self._redis_available()
-            self._remember(ce)
-            if written:
-                out.append(ce)
-                self._prior[(shard, ce.entry.cycle)] = prior
-                self._committed(ce)
-            self._advance(shard, ce.entry.cycle, ce.entry_hash)
+            self._appended(shard, ce, written, prior, out)
         return True
+
+    def _appended(self, shard: int, ce: CommittedEntry, written: bool, prior: int | None,
+                  out: list[CommittedEntry]) -> None:  # fmt: skip
+        """After an append of `ce` (by this peer when `written`, else found there): remember it, queue its
+        root to publish if this peer wrote it, and move the head on."""
+        self._remember(ce)
+        if written:
+            out.append(ce)
+            self._prior[(shard, ce.entry.cycle)] = prior
+            self._committed(ce)
+        self._advance(shard, ce.entry.cycle, ce.entry_hash)
 
     def _committed(self, ce: CommittedEntry) -> None:
         e = ce.entry
