@@ -23,11 +23,10 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from bench.baseline import extract_ref
-from bench.cases.latency import latency_stats
-from bench.cluster import PEERS, QUORUM, SHARDS, Committed, Env, Workers, chain_settings
+from bench.cases.latency import latency_stats, steady_run
+from bench.cluster import PEERS, QUORUM, SHARDS, Env, Workers, chain_settings
 from bench.harness import Report, Result, log, percentile
 from bench.load import SteadyProducer
-from bench.profiling import PySpy, summarize_collapsed
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.latency_trace import TRACE_ENV
 from knhk_stream.store.lockchain import LockchainStore, verify_range
@@ -179,26 +178,8 @@ def traced_run(
                     extra["PYTHONPATH"] = str(pythonpath)
                 w.start(p, env_extra=extra)
             w.wait_assigned(SHARDS * len(PEERS))
-            prof = env.workdir / f"profile_khz_tick{tick_ms}.txt"
-            spy = PySpy(w.procs["peer-a"].pid, prof) if profile else None
-            prod = SteadyProducer(env.bootstrap, topics.deltas.name, args.rate, seconds).start()
-            committed = Committed(store)
-            while prod.running():
-                w.check()
-                time.sleep(0.5)
-            prod.join()
-            if spy:
-                spy.stop()
-                (args.out / f"profile_kilohertz_tick{tick_ms}_summary.txt").write_text(
-                    f"py-spy, peer-a of four (threshold 3) at {args.rate:,} deltas/s, tick_ms {tick_ms}, "
-                    f"during the {seconds:.0f}s of steady load (idle samples excluded)\n\n"
-                    + summarize_collapsed(prof)
-                    + "\n"
-                )
-            try:
-                committed.wait(prod.produced, args.drain_timeout, w)
-            except RuntimeError:
-                committed.poll()
+            prod, committed = steady_run(env, w, topics.deltas.name, store, args, tick_ms, seconds,
+                                         f"kilohertz_tick{tick_ms}" if profile else None)  # fmt: skip
         files = {p: sorted(wd.glob(f"trace-{p}.*")) for p in PEERS}
         row = latency_stats(committed.entries, prod, tick_ms)
         row.update(shares(committed.entries, prod, Traces(files), read_vote_index(env.bootstrap, topics.votes.name)))

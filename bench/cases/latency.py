@@ -35,26 +35,9 @@ def latency_case(
                 for p in PEERS:
                     w.start(p)
                 w.wait_assigned(SHARDS * len(PEERS))
-                prof = env.workdir / f"profile_peer_tick{tick_ms}.txt"
-                spy = PySpy(w.procs["peer-a"].pid, prof) if args.profile and i == 0 and not search else None
-                prod = SteadyProducer(env.bootstrap, topics.deltas.name, args.rate, args.latency_seconds).start()
-                committed = Committed(store)
-                while prod.running():  # no Redis reads meanwhile: they would slow the producer
-                    w.check()
-                    time.sleep(0.5)
-                prod.join()
-                if spy:
-                    spy.stop()
-                    (args.out / f"profile_peer_tick{tick_ms}_summary.txt").write_text(
-                        f"py-spy, peer-a of four (threshold 3) at {args.rate:,} deltas/s, tick_ms {tick_ms}, "
-                        f"during the {args.latency_seconds:.0f}s of steady load (idle samples excluded)\n\n"
-                        + summarize_collapsed(prof)
-                        + "\n"
-                    )
-                try:
-                    committed.wait(prod.produced, args.drain_timeout, w)
-                except RuntimeError:
-                    committed.poll()
+                profile = args.profile and i == 0 and not search
+                prod, committed = steady_run(env, w, topics.deltas.name, store, args, tick_ms, args.latency_seconds,
+                                             f"peer_tick{tick_ms}" if profile else None)  # fmt: skip
             votes = read_votes(env.bootstrap, topics.votes.name)
             rows.append(latency_stats(committed.entries, prod, tick_ms, votes))
             log(f"    run {i + 1}: {json.dumps(rows[-1])}")
@@ -220,3 +203,36 @@ def latency_stats(
         "last_third_p50_end": last_p50,
         "sustained": bool(complete and drain_s <= 2 + 2 * beat_ms / 1000 and not growing),
     }
+
+
+def steady_run(
+    env: Env,
+    w: Workers,
+    topic: str,
+    store: LockchainStore,
+    args: argparse.Namespace,
+    tick_ms: int,
+    seconds: float,
+    profile: str | None = None,
+) -> tuple[SteadyProducer, Committed]:
+    """Steady load at args.rate for `seconds` (peer-a profiled into profile_{profile}_summary.txt when asked),
+    then the commits drained: no Redis reads during the load, they would slow the producer."""
+    prof = env.workdir / f"profile_{profile}.txt"
+    spy = PySpy(w.procs["peer-a"].pid, prof) if profile else None
+    prod = SteadyProducer(env.bootstrap, topic, args.rate, seconds).start()
+    committed = Committed(store)
+    while prod.running():
+        w.check()
+        time.sleep(0.5)
+    prod.join()
+    if spy:
+        spy.stop()
+        (args.out / f"profile_{profile}_summary.txt").write_text(
+            f"py-spy, peer-a of four (threshold 3) at {args.rate:,} deltas/s, tick_ms {tick_ms}, "
+            f"during the {seconds:.0f}s of steady load (idle samples excluded)\n\n" + summarize_collapsed(prof) + "\n"
+        )
+    try:
+        committed.wait(prod.produced, args.drain_timeout, w)
+    except RuntimeError:
+        committed.poll()
+    return prod, committed
