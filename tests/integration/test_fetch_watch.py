@@ -42,7 +42,14 @@ def test_a_shard_whose_fetching_stops_is_logged_and_fetched_again(tmp_path, brok
         c.wait_until(lambda: c.committed_receipts() == 40, 30, "the first deltas committed")
         # Stop shard 0's fetcher mid-stream (the worker is not told), so its open beat holds deltas and the
         # worker keeps writing markers to close it: they are acknowledged after a position that stays put.
-        feed = threading.Thread(target=c.produce, args=(400,), kwargs={"rate": 100}, daemon=True)
+        feeding = threading.Event()
+
+        def feed_steadily() -> None:  # one delta per shard every 40 ms, until told to stop: never a burst then silence
+            while not feeding.is_set():
+                c.produce(4, rate=0)
+                time.sleep(0.04)
+
+        feed = threading.Thread(target=feed_steadily, daemon=True)
         feed.start()
         tp = TopicPartition(c.topics.deltas.name, 0)
         for _ in range(10):  # paused at a moment its open beat holds deltas (not just after a marker closed it)
@@ -52,6 +59,8 @@ def test_a_shard_whose_fetching_stops_is_logged_and_fetched_again(tmp_path, brok
             if w.node.engine.open_beat(0)[2] > 0:
                 break
             w.deltas.resume([tp])
+        time.sleep(1)
+        feeding.set()
         feed.join(30)
         c.wait_until(lambda: w.stats.get("fetch_restarts", 0) > 0, 40, "the fetch watch to notice shard 0",
                      lambda: (w._marker_acked, w._fetch_seen, w.node.engine.open_beat(0), w.stats))  # fmt: skip
@@ -62,7 +71,8 @@ def test_a_shard_whose_fetching_stops_is_logged_and_fetched_again(tmp_path, brok
         assert len([r for r in caplog.records if "nothing read past offset" in r.getMessage()]) == len(said)
         w.deltas.resume([tp])
         c.produce(40, rate=0)
-        c.wait_until(lambda: c.committed_receipts() == 480, 30, "shard 0 to go on")
+        c.wait_until(lambda: c.committed_receipts() == c.produced, 30, "shard 0 to go on",
+                     lambda: (c.committed_receipts(), c.produced))  # fmt: skip
     finally:
         done.set()
         t.join(30)
