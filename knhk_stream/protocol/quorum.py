@@ -261,6 +261,10 @@ class QuorumCollector:
         """How many votes are held (for one shard, or in all): what bounds this collector's memory."""
         return sum(n for (s, _), n in self._per_peer.items() if shard is None or s == shard)
 
+    def held_by(self, shard: int, peer_id: str) -> int:
+        """How many votes of one peer are held on a shard (its share is MAX_HELD_PER_PEER)."""
+        return self._per_peer.get((shard, peer_id), 0)
+
     def successors(self, shard: int, prev_entry_hash: bytes) -> dict[bytes, dict[str, Vote]]:
         """Counted votes for successors of `prev_entry_hash`, by entry hash (all epochs)."""
         out: dict[bytes, dict[str, Vote]] = {}

@@ -49,7 +49,7 @@ from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
 from knhk_stream.protocol.epochs import Epoch
-from knhk_stream.protocol.quorum import Equivocation, Vote, VoteStatus
+from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, WINDOW, Equivocation, Vote, VoteStatus
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root, decode_vote, encode_root, encode_vote
@@ -108,6 +108,7 @@ MAX_APPEND_RUN = 64  # consecutive ready entries of a shard appended in one Lua 
 # it in their own next turn's run or after this wait (two beats, within these bounds), should it not: the
 # wait is what a slow first appender adds (at tick_ms 125 a 100 ms wait made the p99 of our own share).
 FIRST_APPENDER_WAIT_S = (0.005, 0.02)
+REREAD_S = 1.0  # a shard's votes partition is read again (for votes dropped by the bounds) at most this often
 MAX_OWN_VOTES = 4096  # own votes' records remembered until read back (so they are neither decoded nor verified)
 ROOTS_TAIL = 64  # newest roots-topic records read when taking a shard, to see whether Redis lost entries
 Headers = list[tuple[str, bytes | None]] | dict[str, bytes] | None
@@ -156,6 +157,15 @@ class Record(NamedTuple):
     headers: Headers
     value: bytes | None
     key: bytes | None = None
+
+
+@dataclass(slots=True)
+class _Reread:
+    """One reading again of a votes partition: up to where, when, and whose votes counted in it."""
+
+    end: int  # the offset reading had reached when it went back
+    at: float
+    counted: set[str] = field(default_factory=set)
 
 
 class Assignment(NamedTuple):
@@ -231,11 +241,14 @@ class PeerNode:
         self.limits = limits or NodeLimits()
         self.roots_source = roots_source
         self.stats = {"deltas": 0, "votes": 0, "appended": 0, "markers": 0, "bad_records": 0, "reappended": 0,
-                      "restored": 0}  # fmt: skip
+                      "restored": 0, "votes_dropped": 0, "votes_reread": 0}  # fmt: skip
         self.on_commit: Callable[[CommittedEntry, float], None] | None = None
         self._checkpoint_due: dict[int, ResumePoint] = {}
         self._vote_offsets: dict[int, dict[int, int]] = {}  # shard -> cycle -> lowest votes offset
         self._votes_pos: dict[int, int] = {}  # shard -> next votes offset to read
+        # votes dropped by the window or a peer's share, read again once they can count (`votes_to_reread`)
+        self._dropped: dict[int, dict[str, tuple[int, int]]] = {}  # shard -> peer -> (lowest offset, its cycle)
+        self._reread: dict[int, _Reread] = {}  # shard -> the latest reading again
         self._marker_for: dict[int, tuple[int, int]] = {}  # shard -> (open cycle, ms) of the last marker
         self._to_publish: list[CommittedEntry] = []  # roots found unpublished
         self._prior: dict[tuple[int, int], int | None] = {}  # (shard, cycle) of a root to publish -> cycle before it
@@ -331,8 +344,8 @@ class PeerNode:
         self.flush_checkpoints()
         self._write_health([shard])
         self.engine.revoke(shard)
-        for per_shard in (self._vote_offsets, self._votes_pos, self._marker_for, self._acked,
-                          self._halted, self._blocked, self._recent, self._forged_checkpoint,
+        for per_shard in (self._vote_offsets, self._votes_pos, self._dropped, self._reread, self._marker_for,
+                          self._acked, self._halted, self._blocked, self._recent, self._forged_checkpoint,
                           self._republish_upto, self._roots_read, self._alarms, self._rejected,
                           self._ready_since, self._checked_stored):  # fmt: skip
             per_shard.pop(shard, None)
@@ -603,12 +616,80 @@ class PeerNode:
                 status = self.consensus.add(vote)
             if status in (VoteStatus.COUNTED, VoteStatus.QUORUM):
                 self._vote_offsets.setdefault(shard, {}).setdefault(vote.entry.cycle, r.offset)
-            elif status in (VoteStatus.BAD_SIGNATURE, VoteStatus.UNKNOWN_PEER, VoteStatus.WRONG_EPOCH,
-                            VoteStatus.OVER_SHARE):  # fmt: skip
+                again = self._reread.get(shard)
+                if again is not None and r.offset < again.end:
+                    again.counted.add(vote.peer_id)
+            elif status in (VoteStatus.OUT_OF_WINDOW, VoteStatus.OVER_SHARE):
+                self.stats["votes_dropped"] += 1
+                self._note_dropped(shard, vote, r.offset)
+            elif status in (VoteStatus.BAD_SIGNATURE, VoteStatus.UNKNOWN_PEER, VoteStatus.WRONG_EPOCH):
                 why = f"vote for cycle {vote.entry.cycle} from {vote.peer_id!r}: {status.value}"
                 self._bad_record("votes", shard, r.offset, why)
         for ev in self.consensus.collector.take_equivocations():
             self._report_equivocation(ev)
+
+    def _note_dropped(self, shard: int, vote: Vote, offset: int) -> None:
+        """Remember where a vote dropped by the bounds lies, to read it again once it can count.
+
+        A vote read again and dropped again is remembered only if a vote of its peer counted in
+        that reading (its share is moving): a flood that can never count is read twice, not forever.
+        """
+        peers = self._dropped.setdefault(shard, {})
+        was = peers.get(vote.peer_id)
+        if was is not None:
+            if offset < was[0]:
+                peers[vote.peer_id] = (offset, vote.entry.cycle)
+            return
+        again = self._reread.get(shard)
+        if again is not None and offset < again.end and vote.peer_id not in again.counted:
+            return
+        peers[vote.peer_id] = (offset, vote.entry.cycle)
+
+    def _rereadable(self, shard: int) -> list[str]:
+        """The peers whose dropped votes on the shard could count now: in the window, and with room in their share."""
+        peers = self._dropped.get(shard)
+        if not peers:
+            return []
+        view = self.consensus.view(shard)
+        marks = [c for c in (view.head_cycle, view.newest_read) if c is not None]
+        horizon = max(marks) if marks else None
+        room = MAX_HELD_PER_PEER // 2
+        held = self.consensus.collector.held_by
+        return [p for p, (_, cycle) in peers.items()
+                if (horizon is None or cycle <= horizon + WINDOW) and held(shard, p) < room]  # fmt: skip
+
+    def votes_to_reread(self) -> dict[int, int]:
+        """Shards whose votes partition the caller should read again, and from which offset.
+
+        Votes dropped by the protocol's bounds (the 64-cycle window, a peer's share of held
+        votes) are what a quorum may need once the head moves: a backlog of hundreds of beats
+        (a Redis outage, peers paused) would otherwise stall every shard. At most once per
+        REREAD_S a shard; the caller seeks there and calls `reading_votes_again`.
+        """
+        now = time.monotonic()
+        out: dict[int, int] = {}
+        for shard in list(self._dropped):
+            again = self._reread.get(shard)
+            if again is not None and now - again.at < REREAD_S:
+                continue
+            ready = self._rereadable(shard)
+            if ready:
+                out[shard] = min(self._dropped[shard][p][0] for p in ready)
+        return out
+
+    def reading_votes_again(self, shard: int, offset: int) -> None:
+        """The caller went back to `offset` on the shard's votes partition (see `votes_to_reread`)."""
+        peers = self._dropped.get(shard, {})
+        ready = [p for p in self._rereadable(shard) if peers[p][0] >= offset]
+        for p in ready:
+            del peers[p]
+        end = self._votes_pos.get(shard, offset)
+        self._reread[shard] = _Reread(max(end, offset), time.monotonic())
+        self._votes_pos[shard] = offset
+        self.stats["votes_reread"] += 1
+        log.info("shard %d: read the votes partition again from offset %d to %d: votes of %s were dropped "
+                 "by the window or their share of held votes, and can count now", shard, offset, end,
+                 ", ".join(sorted(ready)) or "nobody")  # fmt: skip
 
     def _bad_record(self, topic: str, shard: int, offset: int, why: str) -> None:
         """Count a hostile record; log it with its offset (at most BAD_LOGS_PER_MINUTE a minute, then a sum)."""

@@ -414,6 +414,13 @@ class Worker:
         if trace is not None and vote_records:
             trace.votes_read(((r.partition, r.offset) for r in vote_records), wall_ms())
         self.node.on_vote_records(vote_records)
+        for shard, offset in self.node.votes_to_reread().items():
+            try:
+                self.votes.seek(TopicPartition(self.topics.votes.name, shard, offset))
+            except KafkaException as e:
+                log.warning("shard %d: reading votes again from offset %d failed (%s); tried again", shard, offset, e)
+                continue
+            self.node.reading_votes_again(shard, offset)
         for ce in self.node.commit_ready():
             self._publish_root(ce)
         if self.opts.markers:

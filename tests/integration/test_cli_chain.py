@@ -50,9 +50,7 @@ def test_chain_show_and_verify(tmp_path, redis_url, redis_prefix, settings, peer
     assert ok.exit_code == 0, ok.output
     assert "shard 2: OK  30 entries" in ok.stdout
 
-    redis.Redis.from_url(redis_url).hset(
-        root_key(redis_prefix, "knhk", 2, chain[7].entry.cycle), "root", "00" * 32
-    )
+    redis.Redis.from_url(redis_url).hset(root_key(redis_prefix, "knhk", 2, chain[7].entry.cycle), "root", "00" * 32)
     bad = runner.invoke(main, ["chain", "verify", *base, "--json"])
     assert bad.exit_code == 1
     report = json.loads(bad.stdout)

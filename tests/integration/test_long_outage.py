@@ -59,3 +59,32 @@ def test_peers_catch_up_after_a_redis_outage_of_hundreds_of_beats(tmp_path: Path
         c.assert_no_equivocation()
     finally:
         c.close()
+
+
+def test_peers_catch_up_after_two_of_four_pause_for_hundreds_of_beats(tmp_path: Path, broker, redis_url):
+    """Two peers of four stop for 4 s (under the 6 s session timeout: no rebalance): the other two go on
+    voting some 500 beats that no quorum can commit, past their share of held votes, so they drop votes
+    (their own too). Once the two resume, those votes must be read again, or every shard stalls."""
+    c = Cluster(tmp_path, broker.bootstrap, redis_url)
+    c.settings = dataclasses.replace(c.settings, tick_ms=1)
+    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    try:
+        c.start_all()
+        c.produce(400, rate=400)
+        c.wait_until(lambda: c.committed_receipts() == c.produced, 60, "the first deltas committed")
+        for name in ("peer-c", "peer-d"):
+            c.procs[name].send_signal(signal.SIGSTOP)
+        try:
+            c.produce(2000, rate=500, burst=4)  # 4 s, a delta per shard every 8 ms: about 500 beats each
+        finally:
+            for name in ("peer-c", "peer-d"):
+                c.procs[name].send_signal(signal.SIGCONT)
+        c.wait_until(lambda: c.committed_receipts() == c.produced, 120, f"all {c.produced} receipts committed",
+                     lambda: (c.committed_receipts(), {s: c.store.head(s) for s in range(4)}))  # fmt: skip
+        c.stop_all()
+        c.assert_chains_match_replay()
+        c.assert_no_equivocation()
+        dropped = sum(c.log(n).count("read the votes partition again") for n in ("peer-a", "peer-b"))
+        assert dropped > 0, "the two running peers never dropped a vote: the pause did not pass the bounds"
+    finally:
+        c.close()

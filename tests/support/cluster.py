@@ -112,7 +112,8 @@ class Cluster:
 
     # -- load -----------------------------------------------------------------------------
 
-    def produce(self, n: int, malformed_every: int = 50, rate: int = 0, seed: int = 7) -> None:
+    def produce(self, n: int, malformed_every: int = 50, rate: int = 0, seed: int = 7, burst: int = 200) -> None:
+        """`n` synthetic deltas round-robin over the shards; with `rate`, sent `burst` at a time at that rate."""
         with DeltaProducer(self.bootstrap, self.topics.deltas.name, fmt="json") as p:
             t0 = time.monotonic()
             for i, d in enumerate(synthetic_deltas(n, seed=seed, malformed_every=malformed_every)):
@@ -121,7 +122,7 @@ class Cluster:
                     p.send_raw(d, partition=part)
                 else:
                     p.send(d, partition=part)
-                if rate and i % 200 == 199:
+                if rate and i % burst == burst - 1:
                     ahead = (i + 1) / rate - (time.monotonic() - t0)
                     if ahead > 0:
                         time.sleep(ahead)

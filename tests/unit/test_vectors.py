@@ -107,9 +107,7 @@ def test_merkle_inclusion_proof(hash_name, case, index):
 
 def test_merkle_sha256_empty_is_rfc6962():
     # RFC 6962: MTH({}) = SHA-256() ; leaf hash prefix 0x00.
-    assert merkle.root([], merkle.sha256).hex() == (
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    )
+    assert merkle.root([], merkle.sha256).hex() == ("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 
 
 # -- deltas ---------------------------------------------------------------------------------
@@ -141,9 +139,7 @@ def test_delta_decode(case):
         assert decoded.reason
 
 
-@pytest.mark.parametrize(
-    "case", [pytest.param(c, id=_name_id(c["name"])) for c in VECTORS["deltas"] if "actions" in c]
-)
+@pytest.mark.parametrize("case", [pytest.param(c, id=_name_id(c["name"])) for c in VECTORS["deltas"] if "actions" in c])
 def test_delta_actions(case):
     decoded = decode_delta(_hex(case["value"]), case["max_triples"])
     assert isinstance(decoded, Delta)
@@ -239,9 +235,7 @@ def _feed_all():
     return asm, closed, ticks
 
 
-@pytest.mark.parametrize(
-    "index", [pytest.param(i, id=f"offset{r['offset']}") for i, r in enumerate(BEATS["records"])]
-)
+@pytest.mark.parametrize("index", [pytest.param(i, id=f"offset{r['offset']}") for i, r in enumerate(BEATS["records"])])
 def test_beat_record_cycle_and_tick(index):
     _, _, ticks = _feed_all()
     r = BEATS["records"][index]
