@@ -159,6 +159,14 @@ class Record(NamedTuple):
     key: bytes | None = None
 
 
+class _Dropped(NamedTuple):
+    """Where a peer's votes dropped by one bound lie: the lowest offset, and the cycles they span."""
+
+    offset: int
+    low: int
+    high: int
+
+
 @dataclass(slots=True)
 class _Reread:
     """One reading again of a votes partition: up to where, when, and whose votes counted in it."""
@@ -247,7 +255,7 @@ class PeerNode:
         self._vote_offsets: dict[int, dict[int, int]] = {}  # shard -> cycle -> lowest votes offset
         self._votes_pos: dict[int, int] = {}  # shard -> next votes offset to read
         # votes dropped by the window or a peer's share, read again once they can count (`votes_to_reread`)
-        self._dropped: dict[int, dict[str, tuple[int, int]]] = {}  # shard -> peer -> (lowest offset, its cycle)
+        self._dropped: dict[int, dict[tuple[str, str], _Dropped]] = {}  # shard -> (peer, status) -> where
         self._reread: dict[int, _Reread] = {}  # shard -> the latest reading again
         self._marker_for: dict[int, tuple[int, int]] = {}  # shard -> (open cycle, ms) of the last marker
         self._to_publish: list[CommittedEntry] = []  # roots found unpublished
@@ -568,11 +576,11 @@ class PeerNode:
         return save_checkpoint(self.store, self.peer_id, shard, cp, self._forged_checkpoint.pop(shard))
 
     def _votes_hint(self, shard: int) -> int:
-        """Lowest votes offset that may still matter: votes for cycles after the head."""
-        pending = self._vote_offsets.get(shard)
-        if pending:
-            return min(pending.values())
-        return self._votes_pos.get(shard, 0)
+        """Lowest votes offset that may still matter: votes for cycles after the head, held or dropped
+        by the bounds (read again after a restart too); never a flood beyond the window."""
+        offsets = list(self._vote_offsets.get(shard, {}).values())
+        offsets += [self._dropped[shard][key].offset for key in self._may_count(shard)]
+        return min(offsets) if offsets else self._votes_pos.get(shard, 0)
 
     # -- everyone's votes and commits -------------------------------------------------------
 
@@ -621,42 +629,49 @@ class PeerNode:
                     again.counted.add(vote.peer_id)
             elif status in (VoteStatus.OUT_OF_WINDOW, VoteStatus.OVER_SHARE):
                 self.stats["votes_dropped"] += 1
-                self._note_dropped(shard, vote, r.offset)
+                self._note_dropped(shard, vote, r.offset, status)
             elif status in (VoteStatus.BAD_SIGNATURE, VoteStatus.UNKNOWN_PEER, VoteStatus.WRONG_EPOCH):
                 why = f"vote for cycle {vote.entry.cycle} from {vote.peer_id!r}: {status.value}"
                 self._bad_record("votes", shard, r.offset, why)
         for ev in self.consensus.collector.take_equivocations():
             self._report_equivocation(ev)
 
-    def _note_dropped(self, shard: int, vote: Vote, offset: int) -> None:
-        """Remember where a vote dropped by the bounds lies, to read it again once it can count.
+    def _note_dropped(self, shard: int, vote: Vote, offset: int, status: VoteStatus) -> None:
+        """Remember where votes dropped by the bounds lie, to read them again once they can count.
 
-        A vote read again and dropped again is remembered only if a vote of its peer counted in
-        that reading (its share is moving): a flood that can never count is read twice, not forever.
+        Kept per peer and bound (window, share): a far-future flood does not widen the range of
+        an honest peer's over-share votes. A vote read again and dropped again is remembered only
+        if a vote of its peer counted in that reading (its share is moving): a flood that can
+        never count is read twice, not forever.
         """
-        peers = self._dropped.setdefault(shard, {})
-        was = peers.get(vote.peer_id)
+        spots = self._dropped.setdefault(shard, {})
+        key = (vote.peer_id, status.value)
+        cycle = vote.entry.cycle
+        was = spots.get(key)
         if was is not None:
-            if offset < was[0]:
-                peers[vote.peer_id] = (offset, vote.entry.cycle)
+            spots[key] = _Dropped(min(was.offset, offset), min(was.low, cycle), max(was.high, cycle))
             return
         again = self._reread.get(shard)
         if again is not None and offset < again.end and vote.peer_id not in again.counted:
             return
-        peers[vote.peer_id] = (offset, vote.entry.cycle)
+        spots[key] = _Dropped(offset, cycle, cycle)
 
-    def _rereadable(self, shard: int) -> list[str]:
-        """The peers whose dropped votes on the shard could count now: in the window, and with room in their share."""
-        peers = self._dropped.get(shard)
-        if not peers:
+    def _may_count(self, shard: int) -> list[tuple[str, str]]:
+        """Dropped votes on the shard that could still count: some in the window and after the head."""
+        spots = self._dropped.get(shard)
+        if not spots:
             return []
         view = self.consensus.view(shard)
         marks = [c for c in (view.head_cycle, view.newest_read) if c is not None]
         horizon = max(marks) if marks else None
+        head = view.head_cycle if view.head_cycle is not None else -1
+        return [key for key, d in spots.items() if d.high > head and (horizon is None or d.low <= horizon + WINDOW)]
+
+    def _rereadable(self, shard: int) -> list[tuple[str, str]]:
+        """Dropped votes that could count now: `_may_count`, and room in their peer's share."""
         room = MAX_HELD_PER_PEER // 2
         held = self.consensus.collector.held_by
-        return [p for p, (_, cycle) in peers.items()
-                if (horizon is None or cycle <= horizon + WINDOW) and held(shard, p) < room]  # fmt: skip
+        return [key for key in self._may_count(shard) if held(shard, key[0]) < room]
 
     def votes_to_reread(self) -> dict[int, int]:
         """Shards whose votes partition the caller should read again, and from which offset.
@@ -674,22 +689,22 @@ class PeerNode:
                 continue
             ready = self._rereadable(shard)
             if ready:
-                out[shard] = min(self._dropped[shard][p][0] for p in ready)
+                out[shard] = min(self._dropped[shard][key].offset for key in ready)
         return out
 
     def reading_votes_again(self, shard: int, offset: int) -> None:
         """The caller went back to `offset` on the shard's votes partition (see `votes_to_reread`)."""
-        peers = self._dropped.get(shard, {})
-        ready = [p for p in self._rereadable(shard) if peers[p][0] >= offset]
-        for p in ready:
-            del peers[p]
+        spots = self._dropped.get(shard, {})
+        ready = [key for key in self._rereadable(shard) if spots[key].offset >= offset]
+        for key in ready:
+            del spots[key]
         end = self._votes_pos.get(shard, offset)
         self._reread[shard] = _Reread(max(end, offset), time.monotonic())
         self._votes_pos[shard] = offset
         self.stats["votes_reread"] += 1
         log.info("shard %d: read the votes partition again from offset %d to %d: votes of %s were dropped "
                  "by the window or their share of held votes, and can count now", shard, offset, end,
-                 ", ".join(sorted(ready)) or "nobody")  # fmt: skip
+                 ", ".join(sorted({peer for peer, _ in ready})) or "nobody")  # fmt: skip
 
     def _bad_record(self, topic: str, shard: int, offset: int, why: str) -> None:
         """Count a hostile record; log it with its offset (at most BAD_LOGS_PER_MINUTE a minute, then a sum)."""

@@ -6,6 +6,8 @@ workers (two peers of four paused for hundreds of beats) is in test_long_outage.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from knhk_stream.protocol.encoding import ZERO_HASH, H
@@ -97,3 +99,29 @@ def test_a_flood_that_can_never_count_is_read_twice_not_forever(redis_url, redis
     assert node.consensus.collector.held_by(0, "peer-d") == 0
     assert node.votes_to_reread() == {}  # not remembered for a third reading
     assert node.stats["votes_reread"] == 1
+
+
+def test_a_checkpoint_keeps_dropped_votes_to_read_again_after_a_restart(redis_url, redis_prefix, settings, peer_keys):
+    """Three peers' votes for 300 cycles: 256 of each held and committed; each peer's vote for cycle 257 is
+    dropped over its share (the later ones do not link without it). The checkpoint written then points at
+    the first dropped vote, so a restarted peer reads them again."""
+    store = LockchainStore.from_url(redis_url, "knhk", redis_prefix)
+    node = _node(settings, peer_keys, redis_url, redis_prefix)
+    chain = _chain(b"honest", 300)
+    by_peer = {p: _records(settings, peer_keys, p, chain, 0) for p in ("peer-b", "peer-c", "peer-d")}
+    records = [Record(0, 3 * i + k, 0, None, by_peer[p][i].value)
+               for i in range(300) for k, p in enumerate(by_peer)]  # fmt: skip
+    node.on_vote_records(records)
+    assert node.stats["votes_dropped"] == 3
+    deadline = time.monotonic() + 10
+    while (head := store.head(0)) is None or head.cycle < MAX_HELD_PER_PEER:
+        assert time.monotonic() < deadline, "the held quorums were not committed"
+        node.commit_ready()
+        time.sleep(0.01)
+    beat = 8 * settings.tick_ms
+    votes = node.process([Record(0, i, (1000 + i) * beat, None, b'{"additions":[["s","p","o"]]}') for i in range(2)])
+    assert votes
+    node.votes_delivered(votes)  # writes the checkpoint
+
+    restarted = PeerNode(settings, "peer-a", peer_keys["peer-a"], store)
+    assert restarted.assign(0).votes_offset == 3 * MAX_HELD_PER_PEER  # the first dropped vote (cycle 257)
