@@ -200,6 +200,9 @@ def test_one_faulty_replica_dissents_and_commits_go_on(cluster):
     for peer in ("peer-a", "peer-b", "peer-c"):
         cluster.start(peer)
     cluster.start("peer-d", settings=faulty)
+    # every peer holds shards before the first delta: one that joins after the others committed everything
+    # resumes after their head and has nothing to vote on (its state stays "no vote yet")
+    cluster.wait_joined(*(p.id for p in cluster.settings.peers))
     cluster.produce(2000, rate=2000)
     cluster.wait_all_committed()
     cluster.wait_until(lambda: all(p["state"] != "no vote yet" for s in _status(cluster)[1] for p in s["peers"]), 30,
@@ -220,6 +223,7 @@ def test_two_faulty_replicas_stall_the_shard_and_nothing_wrong_commits(cluster):
     cluster.start("peer-b")
     cluster.start("peer-c", settings=faulty)
     cluster.start("peer-d", settings=faulty)
+    cluster.wait_joined(*(p.id for p in cluster.settings.peers))
     cluster.produce(1000, rate=1000)
     cluster.wait_until(lambda: _status(cluster)[0] == 3 and all(s["stalled"] for s in _status(cluster)[1]), 60,
                        "every shard to report a stall")  # fmt: skip
