@@ -139,6 +139,7 @@ def run(env: Env | None, rep: Report, args: argparse.Namespace) -> None:
             runs, bruns = paired_rates(lambda f=fn_after: [f() for _ in range(k)], b_votes, k, args.runs)
             rep.add(Result("2. Core alone", label, "votes/s", runs, bname, bruns, note=VOTE_NOTE))
         share_case(rep, args, after, before, bname)
+        prune_case(rep, args, after, before, bname)
         bundle_case(rep, args)
     finally:
         if before:
@@ -247,6 +248,76 @@ def share_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | 
             note="the votes a commit needs at threshold 3; the Lua append's round trip is Redis's",
         )
     )
+
+
+PRUNE_SHARDS = (4, 16)  # shards a peer holds
+PRUNE_AHEAD = 64  # cycles of votes held after the head (the window), 3 voters each
+PRUNE_COMMITS = 200
+
+
+def prune_s(quorum: Any, chains: dict[int, list[Any]], votes: dict[tuple[int, int], list[bytes]], epoch: Any) -> float:
+    """Median time of the collector's prune after a commit, shard after shard, each holding PRUNE_AHEAD
+    cycles of 3 voters' votes: the work after every commit, which at tick_ms 1 was 8% of a peer."""
+    col = quorum.QuorumCollector(lambda _cycle: epoch)
+    head = {s: (None, bytes(32)) for s in chains}
+
+    def add(s: int, i: int) -> None:
+        e = chains[s][i]
+        for p, sig in zip(("peer-b", "peer-c", "peer-d"), votes[(s, i)], strict=True):
+            col.add(quorum.Vote(e, p, sig, 1, epoch.number), head[s][1], head[s][0])
+
+    for s in chains:
+        for i in range(PRUNE_AHEAD):
+            add(s, i)
+    times = []
+    for k in range(PRUNE_COMMITS):
+        for s in chains:
+            e = chains[s][k]
+            head[s] = (e.cycle, e.entry_hash)
+            t = time.perf_counter()
+            col.prune(s, e.cycle, e.entry_hash)
+            times.append(time.perf_counter() - t)
+            add(s, k + PRUNE_AHEAD)
+    if hasattr(col, "held_votes") and col.held_votes() != len(chains) * 3 * PRUNE_AHEAD:  # (the baseline's cannot say)
+        raise RuntimeError(f"prune bench: {col.held_votes()} votes held, not {len(chains) * 3 * PRUNE_AHEAD}")
+    return statistics.median(times)
+
+
+def prune_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | None, bname: str | None) -> None:
+    from knhk_stream.protocol.entry import Entry
+
+    keys, settings = four_peer_keys()
+    epoch = settings.genesis
+    for shards in PRUNE_SHARDS:
+        chains: dict[int, list[Any]] = {}
+        votes: dict[tuple[int, int], list[bytes]] = {}
+        for s in range(shards):
+            prev, chain = bytes(32), []
+            for i in range(PRUNE_COMMITS + PRUNE_AHEAD):
+                e = Entry("knhk", s, i + 1, after.encoding.H(b"%d-%d" % (s, i)), 1, i, i, prev)
+                chain.append(e)
+                votes[(s, i)] = [after.quorum.sign(keys[p], epoch.epoch_hash, e.entry_hash)
+                                 for p in ("peer-b", "peer-c", "peer-d")]  # fmt: skip
+                prev = e.entry_hash
+            chains[s] = chain
+        a_runs: list[float] = []
+        b_runs: list[float] = []
+        for i in range(args.runs):
+            for pkg, out in ((after, a_runs), (before, b_runs)) if i % 2 == 0 else ((before, b_runs), (after, a_runs)):
+                if pkg is not None:
+                    out.append(prune_s(pkg.quorum, chains, votes, epoch) * 1e6)
+        rep.add(
+            Result(
+                "2. Core alone",
+                f"vote collection after a commit (prune), {shards} shards held, {PRUNE_AHEAD} cycles x 3 votes each",
+                "µs",
+                a_runs,
+                bname,
+                b_runs,
+                higher_is_better=False,
+                note="median of a run's prunes; now walks the committed shard's rounds only",
+            )
+        )
 
 
 def bundle_case(rep: Report, args: argparse.Namespace) -> None:

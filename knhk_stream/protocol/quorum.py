@@ -176,8 +176,8 @@ class QuorumCollector:
 
     def __init__(self, epoch_for: Callable[[int], Epoch]) -> None:
         self.epoch_for = epoch_for
-        # (shard, prev_entry_hash) -> epoch number -> the votes for its successors
-        self._rounds: dict[tuple[int, bytes], dict[int, _Successors]] = {}
+        # shard -> prev_entry_hash -> epoch -> its successors' votes (by shard: a prune walks one shard's rounds)
+        self._rounds: dict[int, dict[bytes, dict[int, _Successors]]] = {}
         self._held: dict[int, dict[bytes, Vote]] = {}  # shard -> entry hash -> one vote for it
         self._per_peer: dict[tuple[int, str], int] = {}  # (shard, peer) -> votes of it held
         self.equivocations: list[Equivocation] = []  # the newest MAX_EQUIVOCATIONS records
@@ -206,7 +206,7 @@ class QuorumCollector:
             before = held.get(e.prev_entry_hash)
             if before is None or e.cycle <= before.entry.cycle:
                 return VoteStatus.UNLINKED  # no held predecessor, or not after it
-        rounds = self._rounds.get((e.shard, e.prev_entry_hash))
+        rounds = self._rounds.get(e.shard, {}).get(e.prev_entry_hash)
         succ = rounds.get(epoch.number) if rounds is not None else None
         first = succ.by_peer.get(vote.peer_id) if succ is not None else None
         entry_hash = vote.entry_hash
@@ -244,7 +244,8 @@ class QuorumCollector:
                 del self._new_evidence[:-MAX_EQUIVOCATIONS]
             return VoteStatus.EQUIVOCATION
         if succ is None:
-            succ = self._rounds.setdefault((e.shard, e.prev_entry_hash), {})[epoch.number] = _Successors()
+            by_prev = self._rounds.setdefault(e.shard, {})
+            succ = by_prev.setdefault(e.prev_entry_hash, {})[epoch.number] = _Successors()
         succ.by_peer[vote.peer_id] = vote
         voters = succ.by_hash.setdefault(entry_hash, {})
         voters[vote.peer_id] = vote
@@ -268,7 +269,7 @@ class QuorumCollector:
     def successors(self, shard: int, prev_entry_hash: bytes) -> dict[bytes, dict[str, Vote]]:
         """Counted votes for successors of `prev_entry_hash`, by entry hash (all epochs)."""
         out: dict[bytes, dict[str, Vote]] = {}
-        for succ in self._rounds.get((shard, prev_entry_hash), {}).values():
+        for succ in self._rounds.get(shard, {}).get(prev_entry_hash, {}).values():
             for h, voters in succ.by_hash.items():
                 out.setdefault(h, {}).update(voters)
         return out
@@ -300,30 +301,32 @@ class QuorumCollector:
         return None
 
     def prune(self, shard: int, head_cycle: int, head_hash: bytes) -> None:
-        """Keep only votes after the head that link to it through held votes."""
+        """Keep only votes after the head that link to it through held votes (work: this shard's rounds)."""
+        by_prev = self._rounds.get(shard, {})
         reachable = {head_hash}
         frontier = [head_hash]
-        keep: set[bytes] = set()  # prev_entry_hash of the rounds kept
+        keep: dict[bytes, dict[int, _Successors]] = {}  # the rounds kept, by prev_entry_hash
         while frontier:
             h = frontier.pop()
-            rounds = self._rounds.get((shard, h))
+            rounds = by_prev.get(h)
             if rounds is None:
                 continue
-            keep.add(h)
+            keep[h] = rounds
             for succ in rounds.values():
                 for entry_hash, voters in succ.by_hash.items():
                     if entry_hash not in reachable and next(iter(voters.values())).entry.cycle > head_cycle:
                         reachable.add(entry_hash)
                         frontier.append(entry_hash)
-        for key in [k for k in self._rounds if k[0] == shard and k[1] not in keep]:
-            del self._rounds[key]
+        if keep:
+            self._rounds[shard] = keep
+        else:
+            self._rounds.pop(shard, None)
         held = self._held.get(shard, {})
         for h in [h for h in held if h not in reachable]:
             del held[h]
         for key in [k for k in self._per_peer if k[0] == shard]:
             del self._per_peer[key]
-        for (s, _), rounds in self._rounds.items():
-            if s == shard:
-                for succ in rounds.values():
-                    for peer in succ.by_peer:
-                        self._per_peer[(shard, peer)] = self._per_peer.get((shard, peer), 0) + 1
+        for rounds in keep.values():
+            for succ in rounds.values():
+                for peer in succ.by_peer:
+                    self._per_peer[(shard, peer)] = self._per_peer.get((shard, peer), 0) + 1
