@@ -148,23 +148,28 @@ def quiet_rate(fn: Callable[[], Any], n: int) -> float:
             gc.enable()
 
 
-def paired_rates(
-    fn: Callable[[], Any], base: Callable[[], Any] | None, n: int, runs: int
-) -> tuple[list[float], list[float]]:
-    """`runs` rates of fn and of base, measured in turns and in alternating order (fn first, then
-    base first, ...) after one untimed warm-up of each, so that drift and order cost both alike."""
-    fn()
-    if base is not None:
-        base()
+def paired(fn: Callable[[], float], base: Callable[[], float] | None, runs: int) -> tuple[list[float], list[float]]:
+    """`runs` measurements of fn and of base, taken in turns and in alternating order (fn first, then
+    base first, ...), so that drift and order cost both alike."""
     a: list[float] = []
     b: list[float] = []
     for i in range(runs):
         if base is not None and i % 2:
-            b.append(quiet_rate(base, n))
-        a.append(quiet_rate(fn, n))
+            b.append(base())
+        a.append(fn())
         if base is not None and not i % 2:
-            b.append(quiet_rate(base, n))
+            b.append(base())
     return a, b
+
+
+def paired_rates(
+    fn: Callable[[], Any], base: Callable[[], Any] | None, n: int, runs: int
+) -> tuple[list[float], list[float]]:
+    """`paired` rates of fn and of base (n operations a call), after one untimed warm-up of each."""
+    fn()
+    if base is not None:
+        base()
+    return paired(lambda: quiet_rate(fn, n), (lambda: quiet_rate(base, n)) if base is not None else None, runs)
 
 
 def rss_mb(pid: int) -> float | None:

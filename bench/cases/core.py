@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.baseline import BASE, CURRENT, Pkg, extract_ref
 from bench.cluster import Env
-from bench.harness import Report, Result, log, paired_rates, quiet_rate
+from bench.harness import Report, Result, log, paired, paired_rates, quiet_rate
 from bench.load import avro_values, committed, four_peer_keys, json_values, kb_values
 
 NEEDS = None
@@ -196,12 +196,11 @@ def share_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | 
     key = after.quorum.generate_key()
     for tick_ms, n in SHARE_BEATS:
         k = 40 if n > 100 else 400  # closes per run
-        a_runs: list[float] = []
-        b_runs: list[float] = []
-        for i in range(args.runs):
-            for pkg, out in ((after, a_runs), (before, b_runs)) if i % 2 == 0 else ((before, b_runs), (after, a_runs)):
-                if pkg is not None:
-                    out.append(statistics.median(beat_close_s(pkg, values, n, key) for _ in range(k)) * 1e6)
+
+        def close_us(pkg: Pkg, n: int = n, k: int = k) -> float:
+            return statistics.median(beat_close_s(pkg, values, n, key) for _ in range(k)) * 1e6
+
+        a_runs, b_runs = paired(lambda: close_us(after), (lambda: close_us(before)) if before else None, args.runs)
         rep.add(
             Result(
                 "2. Core alone",
@@ -253,6 +252,7 @@ def share_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | 
 PRUNE_SHARDS = (4, 16)  # shards a peer holds
 PRUNE_AHEAD = 64  # cycles of votes held after the head (the window), 3 voters each
 PRUNE_COMMITS = 200
+PRUNE_VOTERS = ("peer-b", "peer-c", "peer-d")
 
 
 def prune_s(quorum: Any, chains: dict[int, list[Any]], votes: dict[tuple[int, int], list[bytes]], epoch: Any) -> float:
@@ -263,7 +263,7 @@ def prune_s(quorum: Any, chains: dict[int, list[Any]], votes: dict[tuple[int, in
 
     def add(s: int, i: int) -> None:
         e = chains[s][i]
-        for p, sig in zip(("peer-b", "peer-c", "peer-d"), votes[(s, i)], strict=True):
+        for p, sig in zip(PRUNE_VOTERS, votes[(s, i)], strict=True):
             col.add(quorum.Vote(e, p, sig, 1, epoch.number), head[s][1], head[s][0])
 
     for s in chains:
@@ -296,16 +296,14 @@ def prune_case(rep: Report, args: argparse.Namespace, after: Pkg, before: Pkg | 
             for i in range(PRUNE_COMMITS + PRUNE_AHEAD):
                 e = Entry("knhk", s, i + 1, after.encoding.H(b"%d-%d" % (s, i)), 1, i, i, prev)
                 chain.append(e)
-                votes[(s, i)] = [after.quorum.sign(keys[p], epoch.epoch_hash, e.entry_hash)
-                                 for p in ("peer-b", "peer-c", "peer-d")]  # fmt: skip
+                votes[(s, i)] = [after.quorum.sign(keys[p], epoch.epoch_hash, e.entry_hash) for p in PRUNE_VOTERS]
                 prev = e.entry_hash
             chains[s] = chain
-        a_runs: list[float] = []
-        b_runs: list[float] = []
-        for i in range(args.runs):
-            for pkg, out in ((after, a_runs), (before, b_runs)) if i % 2 == 0 else ((before, b_runs), (after, a_runs)):
-                if pkg is not None:
-                    out.append(prune_s(pkg.quorum, chains, votes, epoch) * 1e6)
+
+        def prune_us(pkg: Pkg, chains: dict[int, list[Any]] = chains, votes: dict = votes) -> float:
+            return prune_s(pkg.quorum, chains, votes, epoch) * 1e6
+
+        a_runs, b_runs = paired(lambda: prune_us(after), (lambda: prune_us(before)) if before else None, args.runs)
         rep.add(
             Result(
                 "2. Core alone",

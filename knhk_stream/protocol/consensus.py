@@ -29,6 +29,13 @@ class ShardView:
     stalled_at: int | None = None  # cycle that can no longer reach quorum
     newest_read: int | None = None  # cycle of the newest record this peer read on the shard
 
+    @property
+    def horizon(self) -> int | None:
+        """The larger of the head's cycle and the newest record's: the vote window counts from it."""
+        if self.head_cycle is None or self.newest_read is None:
+            return self.newest_read if self.head_cycle is None else self.head_cycle
+        return max(self.head_cycle, self.newest_read)
+
 
 class Consensus:
     def __init__(self, epoch_for: Callable[[int], Epoch]) -> None:
@@ -65,8 +72,7 @@ class Consensus:
             epoch = self.collector.epoch_for(cycle)
             # about committed history: nothing to decide
             return VoteStatus.REPEATED if vote.peer_id in epoch.public_keys else VoteStatus.UNKNOWN_PEER
-        marks = [c for c in (view.head_cycle, view.newest_read) if c is not None]
-        status = self.collector.add(vote, view.head_hash, max(marks) if marks else None, verified)
+        status = self.collector.add(vote, view.head_hash, view.horizon, verified)
         if status in (VoteStatus.COUNTED, VoteStatus.QUORUM):
             key = (shard, vote.peer_id)
             self.latest_vote[key] = max(self.latest_vote.get(key, cycle), cycle)

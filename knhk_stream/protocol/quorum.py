@@ -137,6 +137,12 @@ MAX_EVIDENCE_PER_ROUND = 4  # equivocation records kept per (peer, shard, prev_e
 MAX_EQUIVOCATIONS = 1024  # equivocation records kept in all (the oldest go first)
 
 
+def in_window(cycle: int, horizon: int | None) -> bool:
+    """Whether a vote for `cycle` may be kept: at most WINDOW cycles after the horizon (the larger of
+    the committed head's cycle and the newest record's cycle read on the shard; None: no bound yet)."""
+    return horizon is None or cycle <= horizon + WINDOW
+
+
 @dataclass(frozen=True, slots=True)
 class Equivocation:
     """Two different successors of one entry signed by one peer in one epoch."""
@@ -199,7 +205,7 @@ class QuorumCollector:
             return VoteStatus.UNKNOWN_PEER
         if vote.epoch != epoch.number:
             return VoteStatus.WRONG_EPOCH
-        if horizon is not None and e.cycle > horizon + WINDOW:
+        if not in_window(e.cycle, horizon):
             return VoteStatus.OUT_OF_WINDOW
         held = self._held.setdefault(e.shard, {})
         if e.prev_entry_hash != head_hash:

@@ -49,7 +49,7 @@ from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
 from knhk_stream.protocol.epochs import Epoch
-from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, WINDOW, Equivocation, Vote, VoteStatus
+from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, Equivocation, Vote, VoteStatus, in_window
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root, decode_vote, encode_root, encode_vote
@@ -255,7 +255,7 @@ class PeerNode:
         self._vote_offsets: dict[int, dict[int, int]] = {}  # shard -> cycle -> lowest votes offset
         self._votes_pos: dict[int, int] = {}  # shard -> next votes offset to read
         # votes dropped by the window or a peer's share, read again once they can count (`votes_to_reread`)
-        self._dropped: dict[int, dict[tuple[str, str], _Dropped]] = {}  # shard -> (peer, status) -> where
+        self._dropped: dict[int, dict[tuple[str, VoteStatus], _Dropped]] = {}  # shard -> (peer, bound) -> where
         self._reread: dict[int, _Reread] = {}  # shard -> the latest reading again
         self._marker_for: dict[int, tuple[int, int]] = {}  # shard -> (open cycle, ms) of the last marker
         self._to_publish: list[CommittedEntry] = []  # roots found unpublished
@@ -645,7 +645,7 @@ class PeerNode:
         never count is read twice, not forever.
         """
         spots = self._dropped.setdefault(shard, {})
-        key = (vote.peer_id, status.value)
+        key = (vote.peer_id, status)
         cycle = vote.entry.cycle
         was = spots.get(key)
         if was is not None:
@@ -656,18 +656,16 @@ class PeerNode:
             return
         spots[key] = _Dropped(offset, cycle, cycle)
 
-    def _may_count(self, shard: int) -> list[tuple[str, str]]:
+    def _may_count(self, shard: int) -> list[tuple[str, VoteStatus]]:
         """Dropped votes on the shard that could still count: some in the window and after the head."""
         spots = self._dropped.get(shard)
         if not spots:
             return []
         view = self.consensus.view(shard)
-        marks = [c for c in (view.head_cycle, view.newest_read) if c is not None]
-        horizon = max(marks) if marks else None
         head = view.head_cycle if view.head_cycle is not None else -1
-        return [key for key, d in spots.items() if d.high > head and (horizon is None or d.low <= horizon + WINDOW)]
+        return [key for key, d in spots.items() if d.high > head and in_window(d.low, view.horizon)]
 
-    def _rereadable(self, shard: int) -> list[tuple[str, str]]:
+    def _rereadable(self, shard: int) -> list[tuple[str, VoteStatus]]:
         """Dropped votes that could count now: `_may_count`, and room in their peer's share."""
         room = MAX_HELD_PER_PEER // 2
         held = self.consensus.collector.held_by
