@@ -51,6 +51,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "--kilohertz-seconds", type=float, default=None, help="length of a tick_ms 1 run (default 60; --quick 10)"
     )
     ap.add_argument(
+        "--kilohertz-ticks",
+        default="125,1",
+        help="tick_ms values the kilohertz case measures (default 125,1; the summary line is for the shortest)",
+    )
+    ap.add_argument(
         "--kilohertz-before",
         default=KILOHERTZ_BEFORE_REF,
         help=f"git ref of the tree the kilohertz case compares with (default {KILOHERTZ_BEFORE_REF}; '' to skip)",
@@ -104,6 +109,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     args.audit_entries = args.audit_entries or (2_000 if q else 20_000)
     default_search = "16" if q else "2,4,8,16,32,64"
     args.tick_search = [int(x) for x in (args.tick_search or default_search).split(",") if x]
+    args.kilohertz_ticks = [int(x) for x in args.kilohertz_ticks.split(",") if x]
+    if not args.kilohertz_ticks or min(args.kilohertz_ticks) < 1:
+        ap.error("--kilohertz-ticks: one or more tick_ms values of at least 1, e.g. 125,1")
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:

@@ -8,13 +8,15 @@ all times wall-clock ms (one machine, one clock):
 - `K shard offset latency`: the broker acknowledged a vote at that votes-topic offset, `latency`
   ms after it was produced (librdkafka's own measure: linger, send and ack);
 - `R shard offset arrived`: a votes-topic record reached this worker (its consume call returned);
-- `A shard cycle returned`: this worker's append of that cycle returned (written, not found there).
+- `A shard cycle returned`: this worker's append of that cycle returned (written, not found there);
+- `G generation started duration`: a garbage collection of the interpreter (it stops this worker).
 
 The bench joins them with the votes topic (offset -> peer, cycle) and the committed entries.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterable
@@ -32,6 +34,14 @@ class LatencyTrace:
 
     def __init__(self, path: str) -> None:
         self._f: IO[str] = open(f"{path}.{os.getpid()}", "a", buffering=1 << 16)  # noqa: SIM115 - closed in close()
+        self._gc_started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = wall_ms()
+        elif not self._f.closed:
+            self._f.write(f"G {info['generation']} {self._gc_started:.3f} {wall_ms() - self._gc_started:.3f}\n")
 
     @classmethod
     def from_env(cls) -> LatencyTrace | None:
@@ -51,4 +61,6 @@ class LatencyTrace:
         self._f.write(f"A {shard} {cycle} {returned:.3f}\n")
 
     def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
         self._f.close()

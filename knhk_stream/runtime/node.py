@@ -7,7 +7,8 @@ byzantine peer or a Redis writer from misleading it). The caller's loop:
 
 1. `a = node.assign(shard)` when it takes a shard: read the shard's deltas from
    `a.next_offset` and its votes-topic partition from `a.votes_offset`.
-2. `votes = node.process(records)`: produce each `vote_out(vote)` to the votes
+2. `votes = node.process(records)` (or `node.process_iter`, each vote as soon as its
+   beat closes): produce each `vote_out(vote)` to the votes
    topic; once the broker has them, `node.votes_delivered(votes)` gives the
    consumer offsets that are safe to commit (beat boundaries). Shards in
    `node.take_halted()` stopped reading (an open beat grew past its bound):
@@ -34,7 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from typing import Any, Literal, NamedTuple, TypeVar
@@ -108,6 +109,10 @@ MAX_APPEND_RUN = 64  # consecutive ready entries of a shard appended in one Lua 
 # it in their own next turn's run or after this wait (two beats, within these bounds), should it not: the
 # wait is what a slow first appender adds (at tick_ms 125 a 100 ms wait made the p99 of our own share).
 FIRST_APPENDER_WAIT_S = (0.005, 0.02)
+# Turns only pay while beats are short: from beats of this length on (tick_ms 13 and up), a round trip a
+# beat per peer costs nothing, and every peer appends as soon as it holds a quorum (the first one writes,
+# the others find it there), so a slow first appender adds no wait (the p99 of our share at tick_ms 125).
+TURNS_BELOW_BEAT_MS = 100
 REREAD_S = 1.0  # a shard's votes partition is read again (for votes dropped by the bounds) at most this often
 MAX_OWN_VOTES = 4096  # own votes' records remembered until read back (so they are neither decoded nor verified)
 ROOTS_TAIL = 64  # newest roots-topic records read when taking a shard, to see whether Redis lost entries
@@ -450,11 +455,17 @@ class PeerNode:
 
     def process(self, records: Iterable[Record]) -> list[Vote]:
         """Delta records in offset order per shard; returns the votes of the beats they close."""
+        return list(self.process_iter(records))
+
+    def process_iter(self, records: Iterable[Record]) -> Iterator[Vote]:
+        """`process`, yielding each vote as soon as its beat closes: a caller that produces it at once does
+        not hold it back while the rest of a large batch (a backlog) is processed. Exhaust it."""
         feed = self.engine.feed
         held = set(self.engine.shards).difference(self._halted)
         rejected: dict[str, int] = {}
-        votes, self._revotes = self._revotes, []
-        n = 0
+        revotes, self._revotes = self._revotes, []
+        yield from revotes
+        n, made = 0, len(revotes)
         for r in records:
             shard = r.partition
             if shard not in held:
@@ -464,7 +475,7 @@ class PeerNode:
             if not marker:
                 n += 1
             if vote is not None:
-                votes.append(vote)
+                made += 1
                 self.consensus.read_up_to(shard, vote.entry.cycle)
                 beat = self.engine.last_beat(shard)
                 if beat is not None:
@@ -473,12 +484,12 @@ class PeerNode:
                     for code, k in rejections_by_code(beat.receipts).items():
                         rejected[code] = rejected.get(code, 0) + k
                         counted.by_code[code] = counted.by_code.get(code, 0) + k
+                yield vote
         for shard in held:  # once a batch: an open beat overshoots its bound by at most one batch
             self._check_open_beat(shard)
         self.stats["deltas"] += n
-        self.stats["votes"] += len(votes)
+        self.stats["votes"] += made
         self.telemetry.deltas_processed(n, rejected)
-        return votes
 
     def _check_open_beat(self, shard: int) -> bool:
         """Whether the shard's open beat holds more deltas than its bound (then the shard halts)."""
@@ -817,10 +828,13 @@ class PeerNode:
         return True
 
     def _my_part(self, shard: int, run: list[Ready]) -> list[Ready]:
-        """What of the ready run this peer appends now: up to its last turn as first appender in it,
-        or all of it once the oldest has waited for another (dead, slow) first appender; else nothing.
+        """What of the ready run this peer appends now: all of it at beats of TURNS_BELOW_BEAT_MS or more;
+        else up to its last turn as first appender in it, or all of it once the oldest has waited for
+        another (dead, slow) first appender; else nothing.
         Any peer may append and the Lua script stays the arbiter: the turns spare the others a round
         trip a beat (they find the entries there when they append later, in one call)."""
+        if beat_ms(self.settings.tick_ms) >= TURNS_BELOW_BEAT_MS:
+            return run
         mine = [i for i, r in enumerate(run) if self._first_appender(r.entry.cycle) == self.peer_id]
         if mine:
             self._ready_since.pop(shard, None)

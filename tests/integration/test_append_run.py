@@ -14,7 +14,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.encoding import H
 from knhk_stream.protocol.entry import Entry
 from knhk_stream.protocol.wire import encode_vote
-from knhk_stream.runtime.node import PeerNode, Record
+from knhk_stream.runtime.node import TURNS_BELOW_BEAT_MS, PeerNode, Record
 from knhk_stream.store.lockchain import ForkError, LockchainError, LockchainStore, NotNextError, verify_range
 from tests.integration.test_store import make_chain
 from tests.support.cluster import SHARDS, Cluster
@@ -133,11 +133,17 @@ def test_a_forged_copy_of_an_own_vote_is_verified(store, settings, peer_keys):
     assert a.consensus.collector.held_votes(0) == 0
 
 
-def test_first_appenders_take_turns_and_each_writes_only_its_own_turns(store, settings, peer_keys):
+@pytest.fixture()
+def short_beats(settings):
+    """tick_ms 1 (8 ms beats): where the first appenders take turns (beats under TURNS_BELOW_BEAT_MS)."""
+    return dataclasses.replace(settings, tick_ms=1)
+
+
+def test_first_appenders_take_turns_and_each_writes_only_its_own_turns(store, short_beats, peer_keys):
     """Each cycle has one first appender (peer ids in order, by turns): a peer appends as soon as a run of
     ready entries holds one of its turns, up to its last turn in it (the entries before ride along, found
     there or written), never past it."""
-    nodes = _nodes(settings, peer_keys, store)
+    nodes = _nodes(short_beats, peer_keys, store)
     made = _beats(nodes, 24)
     records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
     turns = sorted(nodes)
@@ -152,13 +158,32 @@ def test_first_appenders_take_turns_and_each_writes_only_its_own_turns(store, se
     assert [turns[c % 4] for c in (1020, 1021, 1022, 1023)] == ["peer-a", "peer-b", "peer-c", "peer-d"]
     _commit_all(*nodes.values())  # the others confirm later (found there: nothing written twice)
     assert sum(n.stats["appended"] for n in nodes.values()) == 24
+    assert verify_range(store, short_beats, 0).ok
+
+
+def test_at_long_beats_the_first_peer_holding_a_quorum_appends_every_turn(store, settings, peer_keys):
+    """At tick_ms 125 (1 s beats) nobody waits for a turn: the first peer holding the quorums appends
+    them all at once, and the others find them there (nothing written twice)."""
+    assert 8 * settings.tick_ms >= TURNS_BELOW_BEAT_MS
+    nodes = _nodes(settings, peer_keys, store)
+    made = _beats(nodes, 12)
+    records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
+    for n in nodes.values():
+        n.on_vote_records(records)
+    first, *others = nodes.values()
+    first.commit_ready()
+    assert [ce.entry.cycle for ce in store.range(0)] == list(range(1000, 1012))
+    assert {ce.committed_by for ce in store.range(0)} == {first.peer_id}
+    for n in others:
+        n.commit_ready()
+    assert sum(n.stats["appended"] for n in nodes.values()) == 12
     assert verify_range(store, settings, 0).ok
 
 
-def test_a_dead_first_appender_delays_nothing_but_its_own_last_turn(store, settings, peer_keys):
+def test_a_dead_first_appender_delays_nothing_but_its_own_last_turn(store, short_beats, peer_keys):
     """peer-d never runs (threshold 3 of 4): its turns are appended by the next peer whose turn comes,
     in the same run, and the last one after the wait. Every cycle is committed."""
-    nodes = _nodes(settings, {p: k for p, k in peer_keys.items() if p != "peer-d"}, store)
+    nodes = _nodes(short_beats, {p: k for p, k in peer_keys.items() if p != "peer-d"}, store)
     made = _beats(nodes, 16)  # cycles 1000..1015: peer-d's turns are 1003, 1007, 1011 and 1015
     records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
     for n in nodes.values():
@@ -172,7 +197,7 @@ def test_a_dead_first_appender_delays_nothing_but_its_own_last_turn(store, setti
     stored = store.range(0)
     assert [ce.entry.cycle for ce in stored] == list(range(1000, 1016))
     assert {ce.committed_by for ce in stored if ce.entry.cycle % 4 == 3} <= {"peer-a", "peer-b", "peer-c"}
-    assert verify_range(store, settings, 0).ok
+    assert verify_range(store, short_beats, 0).ok
 
 
 @pytest.fixture()
@@ -197,3 +222,30 @@ def test_real_workers_commit_every_beat_with_a_first_appender_dead(cluster):
         assert all(ce.committed_by != "peer-d" for ce in stored)
         assert verify_range(cluster.store, cluster.settings, shard).ok
     cluster.assert_chains_match_replay()
+
+
+def test_process_iter_hands_each_vote_out_when_its_beat_closes(store, settings, peer_keys):
+    """A backlog batch: the vote of the beat closed by its second record comes out before the rest of
+    the batch is read, and the votes are those `process` returns for the same records."""
+    beat = 8 * settings.tick_ms
+    value = b'{"additions":[["s","p","o"]]}'
+    batch = [Record(0, i, (1000 + (i > 0)) * beat + i % beat, None, value) for i in range(2000)]
+    batch.append(Record(0, 2000, 1002 * beat, None, value))
+    pulled = []
+
+    def feed():
+        for r in batch:
+            pulled.append(r.offset)
+            yield r
+
+    node = PeerNode(settings, "peer-a", peer_keys["peer-a"], store)
+    node.assign(0)
+    seen = []
+    for vote in node.process_iter(feed()):
+        seen.append((vote, len(pulled)))
+    assert [(v.entry.cycle, n) for v, n in seen] == [(1000, 2), (1001, 2001)]
+    other = PeerNode(settings, "peer-a", peer_keys["peer-a"], store)  # nothing was written: it starts the same
+    other.assign(0)
+    again = other.process(batch)
+    assert [(v.entry, v.signature) for v in again] == [(v.entry, v.signature) for v, _ in seen]  # voted_at aside
+    assert node.stats["deltas"] == 2001 and node.stats["votes"] == 2
