@@ -766,12 +766,18 @@ class PeerNode:
         entries this node wrote (in cycle order per shard), after any found unpublished.
         """
         out, self._to_publish = self._to_publish, []
+        if self._checkpoint_due and not self.flush_checkpoints():
+            return out
+        for shard in self.engine.shards:  # the quorums first: the rounds of checks below wait, they don't
+            if shard in self._blocked:
+                continue
+            if not self._commit_shard(shard, out):
+                return out  # Redis is down: the other shards wait too
+            self._note_stall(shard)
         now = time.monotonic()
         if now - self._epochs_checked > EPOCH_POLL_S:
             self._epochs_checked = now
             self.refresh_epochs()
-        if self._checkpoint_due and not self.flush_checkpoints():
-            return out
         if self._acked and now - self._marks_tried > 1:
             self._marks_tried = now
             self._move_marks(list(self._acked))
@@ -780,12 +786,6 @@ class PeerNode:
             for shard in self.engine.shards:
                 if self._check_head(shard) is REDIS_DOWN:
                     return out
-        for shard in self.engine.shards:
-            if shard in self._blocked:
-                continue
-            if not self._commit_shard(shard, out):
-                return out  # Redis is down: the other shards wait too
-            self._note_stall(shard)
         if now - self._republished > self.limits.republish_s:
             self._republished = now
             self._republish()
