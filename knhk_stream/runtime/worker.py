@@ -91,17 +91,24 @@ class KafkaUnreachable(TopicsError):
 
 def from_message(m: Message) -> Record | None:
     """A confluent-kafka message as a node `Record`; None for an error event (logged unless EOF)."""
-    err = m.error()
-    if err is not None:
-        if err.code() != KafkaError._PARTITION_EOF:
-            log.warning("consumer: %s", err)
-        return None
-    return Record(m.partition(), m.offset(), m.timestamp()[1], m.headers(), m.value(), m.key())
+    out = records((m,))
+    return out[0] if out else None
 
 
 def records(msgs: Iterable[Message]) -> list[Record]:
-    """The records among a batch of consumed messages (error events dropped)."""
-    return [r for m in msgs if (r := from_message(m)) is not None]
+    """The records among a batch of consumed messages (error events dropped, logged unless EOF).
+
+    Once per delta: the tuple is built directly (`Record`'s own constructor is a Python function
+    call more, a sixth of this loop's time measured on the embedded broker)."""
+    out: list[Record] = []
+    add, new = out.append, tuple.__new__
+    for m in msgs:
+        err = m.error()
+        if err is None:
+            add(new(Record, (m.partition(), m.offset(), m.timestamp()[1], m.headers(), m.value(), m.key())))
+        elif err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer: %s", err)
+    return out
 
 
 @dataclass
