@@ -32,8 +32,10 @@ class ShardView:
     @property
     def horizon(self) -> int | None:
         """The larger of the head's cycle and the newest record's: the vote window counts from it."""
-        if self.head_cycle is None or self.newest_read is None:
-            return self.newest_read if self.head_cycle is None else self.head_cycle
+        if self.head_cycle is None:
+            return self.newest_read
+        if self.newest_read is None:
+            return self.head_cycle
         return max(self.head_cycle, self.newest_read)
 
 

@@ -105,9 +105,9 @@ BAD_LOGS_PER_MINUTE = 10  # hostile records logged one by one per topic and shar
 ALARM_KEEP_MS = 3_600_000  # how long an alarm stays in this peer's report (status)
 MAX_ALARMS = 10  # alarms kept per shard in the report
 MAX_APPEND_RUN = 64  # consecutive ready entries of a shard appended in one Lua call (one round trip)
-# The first appender of a cycle is one peer, by turns (peer ids in order, cycle mod n); the others append
-# it in their own next turn's run or after this wait (two beats, within these bounds), should it not: the
-# wait is what a slow first appender adds (at tick_ms 125 a 100 ms wait made the p99 of our own share).
+# At beats under TURNS_BELOW_BEAT_MS the first appender of a cycle is one peer, by turns (peer ids in
+# order, cycle mod n); the others append it in their own next turn's run or after this wait (two beats,
+# within these bounds), should it not: the wait is what a slow first appender adds to a commit.
 FIRST_APPENDER_WAIT_S = (0.005, 0.02)
 # Turns only pay while beats are short: from beats of this length on (tick_ms 13 and up), a round trip a
 # beat per peer costs nothing, and every peer appends as soon as it holds a quorum (the first one writes,
@@ -590,7 +590,7 @@ class PeerNode:
         """Lowest votes offset that may still matter: votes for cycles after the head, held or dropped
         by the bounds (read again after a restart too); never a flood beyond the window."""
         offsets = list(self._vote_offsets.get(shard, {}).values())
-        offsets += [self._dropped[shard][key].offset for key in self._may_count(shard)]
+        offsets += [d.offset for d in self._may_count(shard).values()]
         return min(offsets) if offsets else self._votes_pos.get(shard, 0)
 
     # -- everyone's votes and commits -------------------------------------------------------
@@ -667,20 +667,20 @@ class PeerNode:
             return
         spots[key] = _Dropped(offset, cycle, cycle)
 
-    def _may_count(self, shard: int) -> list[tuple[str, VoteStatus]]:
+    def _may_count(self, shard: int) -> dict[tuple[str, VoteStatus], _Dropped]:
         """Dropped votes on the shard that could still count: some in the window and after the head."""
         spots = self._dropped.get(shard)
         if not spots:
-            return []
+            return {}
         view = self.consensus.view(shard)
         head = view.head_cycle if view.head_cycle is not None else -1
-        return [key for key, d in spots.items() if d.high > head and in_window(d.low, view.horizon)]
+        return {key: d for key, d in spots.items() if d.high > head and in_window(d.low, view.horizon)}
 
-    def _rereadable(self, shard: int) -> list[tuple[str, VoteStatus]]:
+    def _rereadable(self, shard: int) -> dict[tuple[str, VoteStatus], _Dropped]:
         """Dropped votes that could count now: `_may_count`, and room in their peer's share."""
         room = MAX_HELD_PER_PEER // 2
         held = self.consensus.collector.held_by
-        return [key for key in self._may_count(shard) if held(shard, key[0]) < room]
+        return {key: d for key, d in self._may_count(shard).items() if held(shard, key[0]) < room}
 
     def votes_to_reread(self) -> dict[int, int]:
         """Shards whose votes partition the caller should read again, and from which offset.
@@ -698,15 +698,14 @@ class PeerNode:
                 continue
             ready = self._rereadable(shard)
             if ready:
-                out[shard] = min(self._dropped[shard][key].offset for key in ready)
+                out[shard] = min(d.offset for d in ready.values())
         return out
 
     def reading_votes_again(self, shard: int, offset: int) -> None:
         """The caller went back to `offset` on the shard's votes partition (see `votes_to_reread`)."""
-        spots = self._dropped.get(shard, {})
-        ready = [key for key in self._rereadable(shard) if spots[key].offset >= offset]
+        ready = [key for key, d in self._rereadable(shard).items() if d.offset >= offset]
         for key in ready:
-            del spots[key]
+            del self._dropped[shard][key]
         end = self._votes_pos.get(shard, offset)
         self._reread[shard] = _Reread(max(end, offset), time.monotonic())
         self._votes_pos[shard] = offset

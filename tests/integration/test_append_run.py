@@ -229,6 +229,7 @@ def test_process_iter_hands_each_vote_out_when_its_beat_closes(store, settings, 
     the batch is read, and the votes are those `process` returns for the same records."""
     beat = 8 * settings.tick_ms
     value = b'{"additions":[["s","p","o"]]}'
+    # offset 0 in cycle 1000, offsets 1..1999 in cycle 1001 (offset 1 closes 1000), offset 2000 in 1002
     batch = [Record(0, i, (1000 + (i > 0)) * beat + i % beat, None, value) for i in range(2000)]
     batch.append(Record(0, 2000, 1002 * beat, None, value))
     pulled = []
