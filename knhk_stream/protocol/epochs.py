@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from knhk_stream.errors import EpochError
 from knhk_stream.protocol.encoding import ZERO_HASH, H, str16, u16, u32, u64
-from knhk_stream.protocol.keys import key_problem, verify_signature
+from knhk_stream.protocol.keys import key_problem, sign_message, verify_signature
 
 EPOCH_DOMAIN = b"knhk-epoch/2"
 MAX_PEERS = 65535
@@ -115,7 +115,7 @@ class Epoch:
 
     def signed_by(self, peer_id: str, key: Ed25519PrivateKey) -> Epoch:
         """This statement with `peer_id`'s signature added (replacing an earlier one of that peer)."""
-        sig = key.sign(self.message)
+        sig = sign_message(key, self.message)
         rest = tuple(s for s in self.signatures if s[0] != peer_id)
         return replace(self, signatures=tuple(sorted((*rest, (peer_id, sig)), key=lambda s: s[0].encode())))
 

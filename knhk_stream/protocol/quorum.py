@@ -24,6 +24,7 @@ from knhk_stream.protocol.keys import (  # noqa: F401 - keys were imported from 
     parse_public_key,
     public_key_bytes,
     save_private_key,
+    sign_message,
     verify_signature,
 )
 
@@ -43,7 +44,7 @@ def vote_message(epoch_hash: bytes, entry_hash: bytes) -> bytes:
 
 
 def sign(key: Ed25519PrivateKey, epoch_hash: bytes, entry_hash: bytes) -> bytes:
-    return key.sign(vote_message(epoch_hash, entry_hash))
+    return sign_message(key, vote_message(epoch_hash, entry_hash))
 
 
 def verify_vote(public_key: bytes, epoch_hash: bytes, entry_hash: bytes, signature: bytes) -> bool:

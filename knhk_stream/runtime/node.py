@@ -50,6 +50,7 @@ from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
 from knhk_stream.protocol.epochs import Epoch
+from knhk_stream.protocol.keys import sign_message
 from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, Equivocation, Vote, VoteStatus, in_window
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
@@ -551,7 +552,8 @@ class PeerNode:
         key = self.engine.keys.get(pub) if pub is not None else None
         if key is None:
             key = next(iter(self.engine.keys.values()))
-        return replace(cp, signature=key.sign(checkpoint_message(self.settings.chain_id, self.peer_id, shard, cp)))
+        message = checkpoint_message(self.settings.chain_id, self.peer_id, shard, cp)
+        return replace(cp, signature=sign_message(key, message))
 
     def _save_checkpoint(self, shard: int, cp: Checkpoint) -> bool:
         """Write a signed checkpoint; one that does not verify never stands in the way, and a refusal is said."""
