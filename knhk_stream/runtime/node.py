@@ -62,6 +62,7 @@ from knhk_stream.store.lockchain import (
     ForkError,
     LockchainStore,
     NotNextError,
+    acknowledge_published,
     add_evidence,
     checkpoint_message,
     checkpoint_verifies,
@@ -74,7 +75,6 @@ from knhk_stream.store.lockchain import (
     read_verified,
     save_checkpoint,
     set_health,
-    set_published,
     set_stall,
     stored_checkpoint_signature,
 )
@@ -99,7 +99,7 @@ __all__ = [
 log = logging.getLogger("knhk_stream.runtime.node")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
-MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard waiting for the published mark to reach them
+MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard kept while Redis cannot take them
 MAX_REPUBLISH = 1000  # unpublished roots queued per shard and round of republishing
 MAX_EVIDENCE_DUE = 1000  # evidence records waiting for the evidence topic
 BAD_LOGS_PER_MINUTE = 10  # hostile records logged one by one per topic and shard; the rest are summed up
@@ -1198,10 +1198,11 @@ class PeerNode:
         """Roots the broker acknowledged: move the shard's "published up to" mark.
 
         The mark only moves over an unbroken run of acknowledged roots from where it
-        stands (this node's and, once they move it, other peers'), so a root whose
-        appender died (or never publishes) is published again by every peer once it
-        has stayed unpublished for `republish_s`: the protocol's at-least-once rule.
-        Runs that wait for another peer's acknowledgement are retried from `commit_ready()`.
+        stands, this node's and other peers' alike (Redis keeps the acknowledgements
+        beyond it), so a root whose appender died (or never publishes) is published
+        again by every peer once it has stayed unpublished for `republish_s`: the
+        protocol's at-least-once rule. Acknowledgements Redis could not take are
+        retried from `commit_ready()`.
         """
         touched = set()
         for ce in entries:
@@ -1227,26 +1228,19 @@ class PeerNode:
                             len(self._to_publish) - before, upto, self.limits.republish_s)  # fmt: skip
 
     def _move_marks(self, shards: Iterable[int]) -> None:
+        """Hand the acknowledged roots to Redis, which moves the mark over them and over the other peers';
+        kept here only while Redis does not answer."""
         for shard in shards:
             acked = self._acked.get(shard)
             if not acked:
+                self._acked.pop(shard, None)
                 continue
-            mark = self._redis(get_published, self.store, shard)
-            if mark is REDIS_DOWN:
+            pairs = [(prior, cycle) for cycle, prior in acked.items()]
+            if self._redis(acknowledge_published, self.store, shard, pairs) is REDIS_DOWN:
+                while len(acked) > MAX_WAITING_ACKS:
+                    del acked[min(acked)]  # the next round of republishing covers them anyway
                 return
-            reached = mark
-            for cycle in sorted(acked):
-                if reached is not None and cycle <= reached:
-                    del acked[cycle]
-                elif acked[cycle] == reached:
-                    reached = cycle
-                    del acked[cycle]
-                else:
-                    break
-            if reached is not None and reached != mark:
-                self._redis(set_published, self.store, shard, reached)
-            while len(acked) > MAX_WAITING_ACKS:
-                del acked[min(acked)]  # the next round of republishing covers them anyway
+            del self._acked[shard]
 
     def _note_stall(self, shard: int) -> None:
         stalled = self.consensus.views[shard].stalled_at if shard in self.consensus.views else None

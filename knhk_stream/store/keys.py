@@ -4,7 +4,7 @@ K = {prefix}:lockchain:{{chain_id}/{shard}}: the braces are a Redis Cluster hash
 tag, so one shard's keys share a slot and the Lua append is atomic on a cluster
 as on a single server. Under K: `root:{cycle:020}` (hash, one entry),
 `cycles` (sorted set), `head` (hash), and what peers report: `peer:{peer_id}`
-(checkpoint), `stall`, `evidence`, `published`, `health`. Epochs after 0 are under
+(checkpoint), `stall`, `evidence`, `published`, `published_ahead`, `health`. Epochs after 0 are under
 {prefix}:epochs:{{chain_id}}.
 """
 
@@ -39,6 +39,9 @@ class ShardKeys(NamedTuple):
     stall: str  # hash: why the shard's committed chain stopped
     evidence: str  # hash: equivocation evidence, one field per peer and cycle
     published: str  # the cycle up to which every committed root is on the roots topic
+    # hash: roots acknowledged on the roots topic beyond the published mark, whoever published them:
+    # field = the cycle of the root before (20 digits, "-" for none), value = its cycle (20 digits)
+    published_ahead: str
     health: str  # hash: each peer's report on the shard (halts, alarms, counts), field = peer id
 
     @classmethod

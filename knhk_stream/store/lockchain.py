@@ -58,6 +58,7 @@ __all__ = [
     "PinFileError",
     "Problem",
     "VerifyReport",
+    "acknowledge_published",
     "add_evidence",
     "as_text",
     "chain_key",
@@ -82,7 +83,6 @@ __all__ = [
     "save_checkpoint",
     "save_pins",
     "set_health",
-    "set_published",
     "set_stall",
     "stored_checkpoint_signature",
     "verify_range",
@@ -910,8 +910,41 @@ def get_published(store: LockchainStore, shard: int) -> int | None:
         return None
 
 
-def set_published(store: LockchainStore, shard: int, cycle: int) -> None:
-    store.client.set(store.keys(shard).published, str(cycle))
+# KEYS: the published mark, the roots acknowledged beyond it. ARGV: pairs of (the cycle of the root
+# before, 20 digits or "-" for none; the root's cycle, 20 digits). Cycles are compared as zero-padded
+# strings, never as Lua numbers (doubles: not exact past 2^53).
+_ACKNOWLEDGE_PUBLISHED = """
+local mark = redis.call('GET', KEYS[1])
+if mark and (#mark > 20 or not string.match(mark, '^%d+$')) then mark = nil end
+local at = mark and (string.rep('0', 20 - #mark) .. mark) or '-'
+for i = 1, #ARGV - 1, 2 do
+  if at == '-' or ARGV[i + 1] > at then redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+end
+local moved = false
+for _ = 1, tonumber(ARGV[#ARGV]) do
+  local nxt = redis.call('HGET', KEYS[2], at)
+  if not nxt then break end
+  redis.call('HDEL', KEYS[2], at)
+  if #nxt ~= 20 or not string.match(nxt, '^%d+$') or (at ~= '-' and nxt <= at) then break end
+  at = nxt
+  moved = true
+end
+if moved then redis.call('SET', KEYS[1], (string.gsub(at, '^0+(%d)', '%1'))) end
+return moved and 1 or 0
+"""
+MAX_MARK_STEPS = 10_000  # roots the published mark moves over in one call (Redis runs a script alone)
+
+
+def acknowledge_published(store: LockchainStore, shard: int, acked: Iterable[tuple[int | None, int]]) -> bool:
+    """Record roots the broker acknowledged, each as (cycle of the root before it, its cycle), and move
+    the published mark over the unbroken run of acknowledged roots from where it stands, whichever
+    peers published them: atomic, so peers that append by turns move it together. True if it moved."""
+    keys = store.keys(shard)
+    args: list[str] = []
+    for prior, cycle in acked:
+        args += ["-" if prior is None else cycle_key(prior), cycle_key(cycle)]
+    return int(store.client.eval(_ACKNOWLEDGE_PUBLISHED, 2, keys.published, keys.published_ahead, *args,
+                                 str(MAX_MARK_STEPS))) == 1  # fmt: skip
 
 
 # -- what a running peer reports about itself (status) ------------------------------------

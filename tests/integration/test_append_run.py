@@ -11,11 +11,19 @@ from collections.abc import Iterator
 import pytest
 
 from knhk_stream.protocol.committed import CommittedEntry
-from knhk_stream.protocol.encoding import H
+from knhk_stream.protocol.encoding import H, cycle_key
 from knhk_stream.protocol.entry import Entry
 from knhk_stream.protocol.wire import encode_vote
 from knhk_stream.runtime.node import TURNS_BELOW_BEAT_MS, PeerNode, Record
-from knhk_stream.store.lockchain import ForkError, LockchainError, LockchainStore, NotNextError, verify_range
+from knhk_stream.store.lockchain import (
+    ForkError,
+    LockchainError,
+    LockchainStore,
+    NotNextError,
+    acknowledge_published,
+    get_published,
+    verify_range,
+)
 from tests.integration.test_store import make_chain
 from tests.support.cluster import SHARDS, Cluster
 
@@ -250,3 +258,74 @@ def test_process_iter_hands_each_vote_out_when_its_beat_closes(store, settings, 
     again = other.process(batch)
     assert [(v.entry, v.signature) for v in again] == [(v.entry, v.signature) for v, _ in seen]  # voted_at aside
     assert node.stats["deltas"] == 2001 and node.stats["votes"] == 2
+
+
+def test_roots_acknowledged_out_of_turn_order_move_the_published_mark_to_the_head(store, short_beats, peer_keys):
+    """By turns, consecutive roots are published by different peers and their acknowledgements come in
+    any order: the mark moves over all of them as the last one comes, not a peer's own run at a time
+    (which left it seconds behind at tick_ms 1, and every peer republishing what was on the topic)."""
+    nodes = _nodes(short_beats, peer_keys, store)
+    made = _beats(nodes, 24)
+    records = [Record(0, i, 0, None, n.vote_record(v).value) for i, (n, v) in enumerate(made)]
+    for n in nodes.values():
+        n.on_vote_records(records)
+    published = {p: n.commit_ready() for p, n in nodes.items()}
+    assert {p: len(v) for p, v in published.items()} == {"peer-a": 21, "peer-b": 1, "peer-c": 1, "peer-d": 1}
+    for p in ("peer-d", "peer-c", "peer-b"):  # the later turns acknowledged first
+        nodes[p].roots_delivered(published[p])
+        assert get_published(store, 0) is None
+    nodes["peer-a"].roots_delivered(published["peer-a"])
+    assert get_published(store, 0) == 1023 == store.head(0).cycle
+    assert store.client.hlen(store.keys(0).published_ahead) == 0  # nothing left beyond the mark
+
+
+def test_the_published_mark_moves_over_unbroken_runs_only_and_survives_hostile_fields(store):
+    """Acknowledgements beyond a gap wait for it; a root acknowledged twice or behind the mark changes
+    nothing; a field that would move the mark back, or is not a cycle, stops the walk and is dropped."""
+    assert acknowledge_published(store, 0, [(1000, 1001), (1001, 1002)]) is False  # 1000 is not acknowledged
+    assert get_published(store, 0) is None
+    assert acknowledge_published(store, 0, [(None, 1000)]) is True
+    assert get_published(store, 0) == 1002
+    assert acknowledge_published(store, 0, [(1001, 1002), (None, 1000)]) is False  # behind the mark: ignored
+    assert store.client.hlen(store.keys(0).published_ahead) == 0
+    assert acknowledge_published(store, 0, [(1003, 1004)]) is False  # 1003 missing: waits
+    assert acknowledge_published(store, 0, [(1002, 1003)]) is True
+    assert get_published(store, 0) == 1004
+    ahead = store.keys(0).published_ahead
+    store.client.hset(ahead, mapping={cycle_key(1004): cycle_key(7), cycle_key(7): cycle_key(9)})  # backwards
+    assert acknowledge_published(store, 0, []) is False
+    assert get_published(store, 0) == 1004
+    store.client.hset(ahead, cycle_key(1004), "not a cycle")
+    assert acknowledge_published(store, 0, []) is False
+    assert get_published(store, 0) == 1004
+    big = 2**64 - 2  # compared as 20-digit strings: exact where Lua's numbers are not
+    store.client.set(store.keys(0).published, str(big - 1))
+    assert acknowledge_published(store, 0, [(big - 1, big)]) is True
+    assert get_published(store, 0) == big
+
+
+@pytest.mark.integration
+def test_real_workers_at_tick_ms_1_publish_each_root_once_and_the_marks_keep_up(tmp_path, broker, redis_url):
+    """Four workers appending by turns at 8 ms beats for 8 s: the published marks follow the heads, so
+    no peer republishes roots the topic already has (before, the marks fell seconds behind and every
+    peer republished each 5 s what had been published: twice as many records on the roots topic)."""
+    c = Cluster(tmp_path, broker.bootstrap, redis_url)
+    c.settings = dataclasses.replace(c.settings, tick_ms=1)
+    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    try:
+        c.start_all()
+        c.wait_joined(*c.procs)
+        c.produce(4000, rate=500, burst=4)  # a delta per shard every 8 ms: about a thousand beats each
+        c.wait_all_committed()
+
+        def marks() -> dict[int, tuple[int | None, int | None]]:
+            return {s: (get_published(c.store, s), c.store.head(s).cycle) for s in range(SHARDS)}
+
+        c.wait_until(lambda: all(m == h for m, h in marks().values()), 30, "the published marks at the heads", marks)
+        roots = [m.key() for ms in c.read_topic(c.topics.roots.name).values() for m in ms]
+        entries = sum(len(c.store.range(s)) for s in range(SHARDS))
+        assert len(set(roots)) == entries
+        assert len(roots) - entries <= entries // 100, f"{len(roots) - entries} roots republished of {entries}"
+        assert not any("were still not on the roots topic" in c.log(p) for p in c.procs)
+    finally:
+        c.close()
