@@ -30,10 +30,11 @@ QUORUM = 3  # the four-peer cases' threshold
 class Env:
     """The broker, the Redis and the scratch space of one benchmark run."""
 
-    def __init__(self, bootstrap: str, redis_url: str, workdir: Path) -> None:
+    def __init__(self, bootstrap: str, redis_url: str, workdir: Path, broker_pid: int | None = None) -> None:
         self.bootstrap = bootstrap
         self.redis_url = redis_url
         self.workdir = workdir
+        self.broker_pid = broker_pid  # the embedded broker's process (for its CPU use), None without one
         self.run_id = uuid.uuid4().hex[:6]
         self.prefixes: list[str] = []
         self._n = 0
@@ -106,7 +107,7 @@ def running(redis_url: str | None, kafka: bool, redis: bool, workdir: Path) -> I
 
             broker = EmbeddedBroker(log_path=workdir / "tansu.log").start()
             log(f"embedded broker (Tansu) at {broker.bootstrap}; Redis {url}; scratch {workdir}")
-            env = Env(broker.bootstrap, url, workdir)
+            env = Env(broker.bootstrap, url, workdir, broker.pid)
         elif redis:
             env = Env("", url, workdir)
         yield env

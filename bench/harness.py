@@ -5,6 +5,7 @@ Also RSS sampling and the log line format."""
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -170,6 +171,59 @@ def paired_rates(
     if base is not None:
         base()
     return paired(lambda: quiet_rate(fn, n), (lambda: quiet_rate(base, n)) if base is not None else None, runs)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (None once it is gone)."""
+    try:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except ImportError:
+        pass
+    except Exception:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class CpuMeter:
+    """Cores each role used over a stretch of a run (CPU seconds / wall seconds): what shares the machine.
+
+    Roles are lists of pids; `redis` is a client whose INFO cpu gives the server's own use."""
+
+    def __init__(self, roles: dict[str, list[int]], redis_client: Any = None) -> None:
+        self.roles, self.redis = roles, redis_client
+        self._start: dict[str, float] = {}
+        self._t0 = 0.0
+        self.cores: dict[str, float] = {}  # role -> cores used, once stopped
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for role, pids in self.roles.items():
+            used = [cpu_seconds(p) for p in pids]
+            if all(u is not None for u in used):
+                out[role] = sum(u for u in used if u is not None)
+        if self.redis is not None:
+            try:
+                info = self.redis.info("cpu")
+                out["redis"] = float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+            except Exception:
+                pass
+        return out
+
+    def start(self) -> None:
+        self._t0, self._start = time.monotonic(), self._now()
+
+    def stop(self) -> dict[str, float]:
+        wall = max(1e-9, time.monotonic() - self._t0)
+        end = self._now()
+        self.cores = {role: round((end[role] - self._start[role]) / wall, 3) for role in end if role in self._start}
+        return self.cores
 
 
 def rss_mb(pid: int) -> float | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from bench.baseline import extract_ref
 from bench.cases.latency import latency_stats, steady_run
 from bench.cluster import PEERS, QUORUM, SHARDS, Env, Workers, chain_settings
-from bench.harness import Report, Result, log, percentile
+from bench.harness import CpuMeter, Report, Result, log, percentile
 from bench.load import SteadyProducer
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.runtime.latency_trace import TRACE_ENV
@@ -199,10 +200,15 @@ def traced_run(
                     extra["PYTHONPATH"] = str(pythonpath)
                 w.start(p, env_extra=extra)
             w.wait_assigned(SHARDS * len(PEERS))
+            roles = {"peers": [w.procs[p].pid for p in PEERS], "load": [os.getpid()]}  # load: producer, this process
+            if env.broker_pid is not None:
+                roles["broker"] = [env.broker_pid]
+            meter = CpuMeter(roles, store.client)
             prod, committed = steady_run(env, w, topics.deltas.name, store, args, tick_ms, seconds,
-                                         f"kilohertz_tick{tick_ms}" if profile else None)  # fmt: skip
+                                         f"kilohertz_tick{tick_ms}" if profile else None, meter)  # fmt: skip
         files = {p: sorted(wd.glob(f"trace-{p}.*")) for p in PEERS}
         row = latency_stats(committed.entries, prod, tick_ms)
+        row.update({f"cores_{role}": cores for role, cores in meter.cores.items()})
         traces = Traces(files)
         row.update(shares(committed.entries, prod, traces, read_vote_index(env.bootstrap, topics.votes.name)))
         pauses = [ms for per_peer in traces.gc.values() for _, ms in per_peer]
@@ -215,6 +221,31 @@ def traced_run(
         row["verify_problems"] = problems
         row["sustained"] = bool(row["sustained"] and problems == 0)
     return row
+
+
+def broker_alone(env: Env, args: argparse.Namespace, seconds: float = 10.0) -> dict[str, float]:
+    """The broker's CPU with no peer at all: --rate deltas/s produced as in the runs, read whole by as
+    many consumers as four peers run (a deltas and a votes consumer each: 8 readers of every record)."""
+    with env.measurement("khzbroker") as (_prefix, _topic_prefix, topics, _wd):
+        readers = []
+        for i in range(2 * len(PEERS)):
+            c = Consumer({"bootstrap.servers": env.bootstrap, "group.id": f"alone-{uuid.uuid4().hex[:8]}-{i}",
+                          "enable.auto.commit": False, "fetch.wait.max.ms": 10})  # fmt: skip
+            c.assign([TopicPartition(topics.deltas.name, p, 0) for p in range(SHARDS)])
+            readers.append(c)
+        roles = {"broker": [env.broker_pid]} if env.broker_pid is not None else {}
+        meter = CpuMeter({**roles, "load": [os.getpid()]})
+        meter.start()
+        prod = SteadyProducer(env.bootstrap, topics.deltas.name, args.rate, seconds).start()
+        read = 0
+        while prod.running():
+            for c in readers:
+                read += len(c.consume(2000, timeout=0.005))
+        prod.join()
+        cores = meter.stop()
+        for c in readers:
+            c.close()
+    return {"records_read_per_s": round(read / seconds), **{f"cores_{k}": v for k, v in cores.items()}}
 
 
 def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str, Any] | None, ref: str) -> None:
@@ -234,6 +265,10 @@ def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str
         ("close_fetch_p50", "broker: closing record acked -> reached the voter, p50"),
         ("vote_ack_p50", "broker: vote produce -> ack, p50 (linger included)"),
         ("vote_fetch_p50", "broker: vote acked -> reached the appender, p50"),
+        ("cores_peers", "CPU during the load: the four peers, in cores"),
+        ("cores_broker", "CPU during the load: the embedded broker, in cores"),
+        ("cores_load", "CPU during the load: the load generator (the bench's producer), in cores"),
+        ("cores_redis", "CPU during the load: Redis, in cores"),
     ):
         if after.get(key) is None:
             continue
@@ -241,7 +276,7 @@ def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str
             Result(
                 CASE,
                 f"{label}: {what}",
-                "ms",
+                "cores" if key.startswith("cores_") else "ms",
                 [after[key]],
                 f"the same at {ref} (before)" if before else None,
                 [before[key]] if before and before.get(key) is not None else [],
@@ -278,6 +313,12 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             a, b = pairs[len(pairs) // 2]
             results[tick] = a
             _add_rows(rep, tick, a, b, ref)
+    alone = broker_alone(env, args)
+    log(f"  the broker alone: {alone}")
+    if alone.get("cores_broker") is not None:
+        rep.add(Result(CASE, f"the broker alone at {args.rate:,} deltas/s read by {2 * len(PEERS)} consumers "
+                       f"({alone['records_read_per_s']:,} records/s out), in cores", "cores",
+                       [alone["cores_broker"]], higher_is_better=False, extra=alone))  # fmt: skip
     shortest = ticks[-1]
     r1 = results[shortest]
     if shortest == 1:

@@ -14,7 +14,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.cluster import PEERS, QUORUM, SHARDS, Committed, Env, Workers, chain_settings
-from bench.harness import Report, Result, log, percentile
+from bench.harness import CpuMeter, Report, Result, log, percentile
 from bench.load import SteadyProducer
 from bench.profiling import PySpy, summarize_collapsed
 from knhk_stream.store.lockchain import LockchainStore
@@ -214,17 +214,23 @@ def steady_run(
     tick_ms: int,
     seconds: float,
     profile: str | None = None,
+    meter: CpuMeter | None = None,
 ) -> tuple[SteadyProducer, Committed]:
     """Steady load at args.rate for `seconds` (peer-a profiled into profile_{profile}_summary.txt when asked),
-    then the commits drained: no Redis reads during the load, they would slow the producer."""
+    then the commits drained: no Redis reads during the load, they would slow the producer. `meter`, if
+    given, measures the load alone (`meter.cores` afterwards)."""
     prof = env.workdir / f"profile_{profile}.txt"
     spy = PySpy(w.procs["peer-a"].pid, prof) if profile else None
+    if meter is not None:
+        meter.start()
     prod = SteadyProducer(env.bootstrap, topic, args.rate, seconds).start()
     committed = Committed(store)
     while prod.running():
         w.check()
         time.sleep(0.5)
     prod.join()
+    if meter is not None:
+        meter.stop()
     if spy:
         spy.stop()
         (args.out / f"profile_{profile}_summary.txt").write_text(
