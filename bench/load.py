@@ -74,7 +74,12 @@ def produce_all(bootstrap: str, topic: str, values: Sequence[bytes]) -> float:
 
 
 class SteadyProducer:
-    """Produces deltas at a steady rate (in a thread) and keeps each record's acknowledgement time."""
+    """Produces deltas at a steady rate (in a thread) and keeps each record's acknowledgement time.
+
+    Each delta carries the time it is due as its timestamp, so every run cuts the same beats (the
+    embedded broker keeps producer timestamps): a producer thread that the busy machine starves for a
+    few ms sends a burst, and stamped with the send time the burst would fall into fewer, larger beats
+    (19,352 instead of 26,417 entries in two runs of the same 60 s at tick_ms 1)."""
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class SteadyProducer:
                 self.topic,
                 self.values[i % len(self.values)],
                 partition=i % SHARDS,
+                timestamp=int(self.started_ms + i * 1000 / self.rate),  # the schedule's, not the send's
                 on_delivery=lambda err, msg, t=sent: self._delivered(err, msg, t),
             )
             p.poll(0)
