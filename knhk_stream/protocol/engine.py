@@ -206,6 +206,12 @@ class PeerEngine:
         asm = self._shards[shard].assembler
         return asm.open_cycle, asm.open_first_offset, asm.open_deltas
 
+    def last_tick_ms(self, shard: int) -> int | None:
+        """T of the shard's last record in ms: the running maximum of the records' timestamps (a record
+        stamped earlier does not move it back), None before the first record."""
+        tick = self._shards[shard].assembler.last_tick
+        return None if tick is None else tick * self.settings.tick_ms
+
     def last_beat(self, shard: int) -> Beat | None:
         """The beat of the shard's newest vote (for metrics)."""
         return self._shards[shard].last_beat

@@ -154,6 +154,31 @@ class NodeLimits:
     roots_retry_s: float = 30.0  # reading the roots topic again to repair a shard, at most this often
 
 
+MAX_MARKER_DELAY_MS = 1000  # the most a shard's delivery lag holds a marker back
+
+
+@dataclass(slots=True)
+class DeliveryLag:
+    """How late this peer reads a shard's records (read time - T, the running maximum of their
+    timestamps), smoothed as RFC 6298 smooths round-trip times: a beat's closing record is not overdue
+    before the beat's end plus `wait_ms` (mean + 4 deviations), so a marker earlier only adds records.
+    Before, at tick_ms 1 with reads ~170 ms late, every peer wrote a marker for nearly every beat: half
+    as many markers as deltas on the topic, and the deltas after a marker merged into fewer beats. It
+    takes in a clock ahead of the broker's too. T, not a record's own timestamp, so records stamped far
+    back cannot hold markers back (T does not move back), and never more than MAX_MARKER_DELAY_MS."""
+
+    mean_ms: float
+    deviation_ms: float = 0.0
+
+    def note(self, lag_ms: int) -> None:
+        self.deviation_ms += (abs(lag_ms - self.mean_ms) - self.deviation_ms) / 4
+        self.mean_ms += (lag_ms - self.mean_ms) / 8
+
+    @property
+    def wait_ms(self) -> int:
+        return int(min(MAX_MARKER_DELAY_MS, max(0.0, self.mean_ms + 4 * self.deviation_ms)))
+
+
 class Record(NamedTuple):
     """A consumed record as the node needs it (any Kafka client can build one)."""
 
@@ -264,6 +289,7 @@ class PeerNode:
         self._dropped: dict[int, dict[tuple[str, VoteStatus], _Dropped]] = {}  # shard -> (peer, bound) -> where
         self._reread: dict[int, _Reread] = {}  # shard -> the latest reading again
         self._marker_for: dict[int, tuple[int, int]] = {}  # shard -> (open cycle, ms) of the last marker
+        self._lag: dict[int, DeliveryLag] = {}  # shard -> how late its records are read here
         self._to_publish: list[CommittedEntry] = []  # roots found unpublished
         self._prior: dict[tuple[int, int], int | None] = {}  # (shard, cycle) of a root to publish -> cycle before it
         self._acked: dict[int, dict[int, int | None]] = {}  # shard -> acknowledged cycle -> cycle before it
@@ -358,7 +384,7 @@ class PeerNode:
         self.flush_checkpoints()
         self._write_health([shard])
         self.engine.revoke(shard)
-        for per_shard in (self._vote_offsets, self._votes_pos, self._dropped, self._reread, self._marker_for,
+        for per_shard in (self._vote_offsets, self._votes_pos, self._dropped, self._reread, self._marker_for, self._lag,
                           self._acked, self._halted, self._blocked, self._recent, self._forged_checkpoint,
                           self._republish_upto, self._roots_read, self._alarms, self._rejected,
                           self._ready_since, self._checked_stored):  # fmt: skip
@@ -467,10 +493,12 @@ class PeerNode:
         revotes, self._revotes = self._revotes, []
         yield from revotes
         n, made = 0, len(revotes)
+        read: set[int] = set()  # the shards of this batch (their delivery lag, below)
         for r in records:
             shard = r.partition
             if shard not in held:
                 continue
+            read.add(shard)
             marker = is_marker(r.headers, r.value)
             vote = feed(shard, r.offset, r.timestamp_ms, marker, r.value)
             if not marker:
@@ -488,6 +516,16 @@ class PeerNode:
                 yield vote
         for shard in held:  # once a batch: an open beat overshoots its bound by at most one batch
             self._check_open_beat(shard)
+        at = now_ms()
+        for shard in read:
+            t = self.engine.last_tick_ms(shard)  # T, not the record's own timestamp, which may lie far back
+            if t is None:
+                continue
+            lag = self._lag.get(shard)
+            if lag is None:
+                self._lag[shard] = DeliveryLag(at - t, (at - t) / 2)
+            else:
+                lag.note(at - t)
         self.stats["deltas"] += n
         self.stats["votes"] += made
         self.telemetry.deltas_processed(n, rejected)
@@ -1322,9 +1360,11 @@ class PeerNode:
     def markers_due(self, at_ms: int | None = None) -> list[int]:
         """Shards whose open beat (holding deltas) is over by wall clock: write a marker into each.
 
-        A marker is written a tick after the beat's end by this peer's clock, and again
-        every beat while the beat stays open: a clock that runs ahead of the broker's
-        puts the first marker into the same beat. The caller must produce them.
+        A marker is written a tick after the beat's end by this peer's clock plus the
+        shard's delivery lag (`DeliveryLag`: records read that late could still close it),
+        and again every beat while the beat stays open: a clock that runs ahead of the
+        broker's by more than the lag shows puts the first marker into the same beat.
+        The caller must produce them.
         """
         t = now_ms() if at_ms is None else at_ms
         tick = self.settings.tick_ms
@@ -1334,7 +1374,10 @@ class PeerNode:
             if shard in self._halted:
                 continue
             cycle, _first, deltas = self.engine.open_beat(shard)
-            if cycle is None or not deltas or t <= beat_end_ms(cycle, tick) + tick:
+            if cycle is None or not deltas:
+                continue
+            lag = self._lag.get(shard)
+            if t <= beat_end_ms(cycle, tick) + tick + (lag.wait_ms if lag is not None else 0):
                 continue
             last = self._marker_for.get(shard)
             if last is not None and last[0] == cycle and t - last[1] < again:
