@@ -223,9 +223,10 @@ def traced_run(
     return row
 
 
-def broker_alone(env: Env, args: argparse.Namespace, seconds: float = 10.0) -> dict[str, float]:
-    """The broker's CPU with no peer at all: --rate deltas/s produced as in the runs, read whole by as
-    many consumers as four peers run (a deltas and a votes consumer each: 8 readers of every record)."""
+def broker_alone(env: Env, args: argparse.Namespace, seconds: float) -> dict[str, float]:
+    """The broker with no peer at all: --rate deltas/s produced as in the runs, read whole by as many
+    consumers as four peers run (a deltas and a votes consumer each: 8 readers of every record). Its
+    CPU, and the producer's acknowledgement latency in the first and the last third of the run."""
     with env.measurement("khzbroker") as (_prefix, _topic_prefix, topics, _wd):
         readers = []
         for i in range(2 * len(PEERS)):
@@ -245,7 +246,13 @@ def broker_alone(env: Env, args: argparse.Namespace, seconds: float = 10.0) -> d
         cores = meter.stop()
         for c in readers:
             c.close()
-    return {"records_read_per_s": round(read / seconds), **{f"cores_{k}": v for k, v in cores.items()}}
+    third = len(prod.ack_latency) // 3
+    return {
+        "records_read_per_s": round(read / seconds),
+        **{f"cores_{k}": v for k, v in cores.items()},
+        "ack_p50_first_third": percentile(prod.ack_latency[:third], 50),
+        "ack_p50_last_third": percentile(prod.ack_latency[-third:], 50) if third else None,
+    }
 
 
 def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str, Any] | None, ref: str) -> None:
@@ -313,12 +320,16 @@ def run(env: Env, rep: Report, args: argparse.Namespace) -> None:
             a, b = pairs[len(pairs) // 2]
             results[tick] = a
             _add_rows(rep, tick, a, b, ref)
-    alone = broker_alone(env, args)
+    alone = broker_alone(env, args, secs)
     log(f"  the broker alone: {alone}")
+    what = f"the broker alone, {args.rate:,} deltas/s read by {2 * len(PEERS)} consumers for {secs:.0f}s"
     if alone.get("cores_broker") is not None:
-        rep.add(Result(CASE, f"the broker alone at {args.rate:,} deltas/s read by {2 * len(PEERS)} consumers "
-                       f"({alone['records_read_per_s']:,} records/s out), in cores", "cores",
+        rep.add(Result(CASE, f"{what} ({alone['records_read_per_s']:,} records/s out), in cores", "cores",
                        [alone["cores_broker"]], higher_is_better=False, extra=alone))  # fmt: skip
+    for key, third in (("ack_p50_first_third", "first"), ("ack_p50_last_third", "last")):
+        if alone.get(key) is not None:
+            rep.add(Result(CASE, f"{what}: produce -> ack p50 in the {third} third", "ms", [alone[key]],
+                           higher_is_better=False))  # fmt: skip
     shortest = ticks[-1]
     r1 = results[shortest]
     if shortest == 1:
