@@ -160,23 +160,31 @@ MAX_MARKER_DELAY_MS = 1000  # the most a shard's delivery lag holds a marker bac
 @dataclass(slots=True)
 class DeliveryLag:
     """How late this peer reads a shard's records (read time - T, the running maximum of their
-    timestamps), smoothed as RFC 6298 smooths round-trip times: a beat's closing record is not overdue
-    before the beat's end plus `wait_ms` (mean + 4 deviations), so a marker earlier only adds records.
-    Before, at tick_ms 1 with reads ~170 ms late, every peer wrote a marker for nearly every beat: half
-    as many markers as deltas on the topic, and the deltas after a marker merged into fewer beats. It
-    takes in a clock ahead of the broker's too. T, not a record's own timestamp, so records stamped far
-    back cannot hold markers back (T does not move back), and never more than MAX_MARKER_DELAY_MS."""
+    timestamps): a beat's closing record is not overdue before the beat's end plus `wait_ms`, so a
+    marker earlier only adds records. Before, at tick_ms 1 with reads ~170 ms late, every peer wrote a
+    marker for nearly every beat: half as many markers as deltas on the topic, and the deltas after a
+    marker merged into fewer beats. It takes in a clock ahead of the broker's too.
 
-    mean_ms: float
-    deviation_ms: float = 0.0
+    `floor_ms` follows the lag down at once and up slowly (1/8 a sample, as RFC 6298 smooths round trips),
+    `spread_ms` how far reads come later than that: the wait is floor + 4 spreads. Down at once, so a
+    backlog just read (lags of seconds) does not hold the next idle beat's marker back. T, not a record's
+    own timestamp, so records stamped far back cannot hold markers back (T does not move back), and
+    never more than MAX_MARKER_DELAY_MS."""
+
+    floor_ms: float
+    spread_ms: float = 0.0
 
     def note(self, lag_ms: int) -> None:
-        self.deviation_ms += (abs(lag_ms - self.mean_ms) - self.deviation_ms) / 4
-        self.mean_ms += (lag_ms - self.mean_ms) / 8
+        if lag_ms <= self.floor_ms:
+            self.floor_ms = lag_ms
+            self.spread_ms -= self.spread_ms / 4
+        else:
+            self.spread_ms += (lag_ms - self.floor_ms - self.spread_ms) / 4
+            self.floor_ms += (lag_ms - self.floor_ms) / 8
 
     @property
     def wait_ms(self) -> int:
-        return int(min(MAX_MARKER_DELAY_MS, max(0.0, self.mean_ms + 4 * self.deviation_ms)))
+        return int(min(MAX_MARKER_DELAY_MS, max(0.0, self.floor_ms + 4 * self.spread_ms)))
 
 
 class Record(NamedTuple):
@@ -523,7 +531,7 @@ class PeerNode:
                 continue
             lag = self._lag.get(shard)
             if lag is None:
-                self._lag[shard] = DeliveryLag(at - t, (at - t) / 2)
+                self._lag[shard] = DeliveryLag(at - t)
             else:
                 lag.note(at - t)
         self.stats["deltas"] += n

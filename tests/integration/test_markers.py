@@ -83,7 +83,7 @@ def test_the_wait_is_bounded(node: PeerNode):
 @pytest.mark.integration
 def test_real_workers_at_tick_ms_1_write_few_markers_while_deltas_flow(tmp_path: Path, broker, redis_url):
     """Four workers at 8 ms beats, 2,000 deltas/s for 8 s: markers stay a small part of the topic, and
-    once the deltas stop the last beats still close (every delta committed)."""
+    once the deltas stop the last beats still close (every delta committed). Measured: ~5% of the deltas."""
     c = Cluster(tmp_path, broker.bootstrap, redis_url)
     c.settings = dataclasses.replace(c.settings, tick_ms=1)
     (c.workdir / "chain.toml").write_text(c.settings.to_toml())
@@ -95,8 +95,21 @@ def test_real_workers_at_tick_ms_1_write_few_markers_while_deltas_flow(tmp_path:
         records = [m for ms in c.read_topic(c.topics.deltas.name).values() for m in ms]
         markers = sum(1 for m in records if not m.value())
         assert len(records) - markers == 16_000
-        assert markers < 16_000 // 10, f"{markers} markers for 16,000 deltas"
+        assert markers < 16_000 // 8, f"{markers} markers for 16,000 deltas (6,672 before the wait)"
         assert c.committed_receipts() == 16_000
         assert sum(len(c.store.range(s)) for s in range(SHARDS)) > 0
     finally:
         c.close()
+
+
+def test_a_backlog_just_read_does_not_hold_the_next_idle_beat_back(node: PeerNode):
+    """A peer catching up reads records seconds late; once it has caught up, the shard's next idle beat
+    gets its marker right after its end, not up to a second later."""
+    now = int(time.time() * 1000)
+    for k in range(20):  # a backlog read in 20 batches, from 5 s late to caught up
+        node.process([_record(k, now - 5000 + k * 250)])
+    node.process([_record(20, int(time.time() * 1000))])
+    assert node._lag[0].wait_ms < 50
+    cycle = node.engine.open_beat(0)[0]
+    end = beat_end_ms(cycle, node.settings.tick_ms)
+    assert node.markers_due(end + node.settings.tick_ms + node._lag[0].wait_ms + 1) == [0]
