@@ -310,8 +310,7 @@ def test_real_workers_at_tick_ms_1_publish_each_root_once_and_the_marks_keep_up(
     no peer republishes roots the topic already has (before, the marks fell seconds behind and every
     peer republished each 5 s what had been published: twice as many records on the roots topic)."""
     c = Cluster(tmp_path, broker.bootstrap, redis_url)
-    c.settings = dataclasses.replace(c.settings, tick_ms=1)
-    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    c.use_tick_ms(1)
     try:
         c.start_all()
         c.wait_joined(*c.procs)

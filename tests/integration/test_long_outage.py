@@ -8,7 +8,6 @@ the head moves, or no quorum ever forms for those beats and every shard stalls.
 
 from __future__ import annotations
 
-import dataclasses
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,8 +39,7 @@ def _committed(c: Cluster) -> int | None:
 def test_peers_catch_up_after_a_redis_outage_of_hundreds_of_beats(tmp_path: Path, broker, server):
     (tmp_path / "peers").mkdir()
     c = Cluster(tmp_path / "peers", broker.bootstrap, server.url)
-    c.settings = dataclasses.replace(c.settings, tick_ms=1)
-    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    c.use_tick_ms(1)
     try:
         c.start_all()
         c.produce(400, rate=400)
@@ -66,8 +64,7 @@ def test_peers_catch_up_after_two_of_four_pause_for_hundreds_of_beats(tmp_path: 
     voting some 500 beats that no quorum can commit, past their share of held votes, so they drop votes
     (their own too). Once the two resume, those votes must be read again, or every shard stalls."""
     c = Cluster(tmp_path, broker.bootstrap, redis_url)
-    c.settings = dataclasses.replace(c.settings, tick_ms=1)
-    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    c.use_tick_ms(1)
     try:
         c.start_all()
         c.produce(400, rate=400)

@@ -85,8 +85,7 @@ def test_real_workers_at_tick_ms_1_write_few_markers_while_deltas_flow(tmp_path:
     """Four workers at 8 ms beats, 2,000 deltas/s for 8 s: markers stay a small part of the topic, and
     once the deltas stop the last beats still close (every delta committed). Measured: ~5% of the deltas."""
     c = Cluster(tmp_path, broker.bootstrap, redis_url)
-    c.settings = dataclasses.replace(c.settings, tick_ms=1)
-    (c.workdir / "chain.toml").write_text(c.settings.to_toml())
+    c.use_tick_ms(1)
     try:
         c.start_all()
         c.wait_joined(*c.procs)

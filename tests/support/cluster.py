@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import time
@@ -43,6 +44,11 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._log_from: dict[str, int] = {}  # name -> size of its log before its latest start
         self.produced = 0
+
+    def use_tick_ms(self, tick_ms: int) -> None:
+        """Run the peers at another tick (before they start): the chain settings file is written again."""
+        self.settings = dataclasses.replace(self.settings, tick_ms=tick_ms)
+        (self.workdir / "chain.toml").write_text(self.settings.to_toml())
 
     # -- peers ----------------------------------------------------------------------------
 
