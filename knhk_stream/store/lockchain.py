@@ -203,6 +203,7 @@ class LockchainStore:
         self.prefix = prefix
         self._append = client.register_script(_APPEND)
         self._append_run = client.register_script(_APPEND_RUN)
+        self._acknowledge_published = client.register_script(_ACKNOWLEDGE_PUBLISHED)  # once per acknowledged batch
         self._keys: dict[int, ShardKeys] = {}
 
     @classmethod
@@ -943,8 +944,8 @@ def acknowledge_published(store: LockchainStore, shard: int, acked: Iterable[tup
     args: list[str] = []
     for prior, cycle in acked:
         args += ["-" if prior is None else cycle_key(prior), cycle_key(cycle)]
-    return int(store.client.eval(_ACKNOWLEDGE_PUBLISHED, 2, keys.published, keys.published_ahead, *args,
-                                 str(MAX_MARK_STEPS))) == 1  # fmt: skip
+    moved = store._acknowledge_published(keys=[keys.published, keys.published_ahead], args=[*args, str(MAX_MARK_STEPS)])
+    return int(moved) == 1
 
 
 # -- what a running peer reports about itself (status) ------------------------------------
