@@ -8,11 +8,17 @@ entries are byte-identical to the worker's:
 
 - agent on the deltas topic: `node.process(batch)`; each vote is produced to the
   votes topic and, once the broker acknowledged it, `node.votes_delivered`
-  writes the checkpoint (and the beat-boundary offset is committed);
+  writes the checkpoint (and the beat-boundary offset is committed); a shard in
+  `node.take_halted()` is paused (resumed when it is assigned again);
 - agent on the votes topic: `node.on_vote_records(batch)`, then `commit_ready()`
   and the roots it returns go to the roots topic (`roots_delivered` on ack);
-- timer: `commit_ready()` again (retries), and the tick markers of
-  `markers_due()`;
+- timer: `commit_ready()` again (retries), the tick markers of `markers_due()`,
+  the equivocation evidence of `evidence_due()` (to the evidence topic), and the
+  votes `votes_to_reread()` asks for: votes the protocol's bounds dropped are
+  read again with a consumer of the peer's own (`VotesRereader`), from that
+  offset up to where the agent is, and handed to the node before anything else
+  (Faust's stream cannot go back: records it already fetched would come first,
+  and its read-offset filter would then drop the older ones);
 - `app.on_partitions_assigned`: `node.assign(shard)`; `app.on_partitions_revoked`:
   deliver pending votes, then `node.revoke(shard)`.
 
@@ -51,7 +57,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as KafkaTP
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 from faust.types import TP
 
 from knhk_stream.errors import MissingExtra
@@ -59,10 +68,19 @@ from knhk_stream.kafka.topics import Topics, load_topics
 from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.runtime.node import Outbound, PeerNode, Record, marker_out, now_ms, root_out, vote_out
+from knhk_stream.runtime.node import (
+    NodeLimits,
+    Outbound,
+    PeerNode,
+    Record,
+    marker_out,
+    now_ms,
+    root_out,
+    vote_out,
+)
 from knhk_stream.runtime.telemetry import Telemetry
 
-__all__ = ["FaustPeer", "add_peer", "bootstrap_of", "record_of"]
+__all__ = ["FaustPeer", "VotesRereader", "add_peer", "bootstrap_of", "record_of"]
 
 log = logging.getLogger("knhk_stream.integrations.faust")
 
@@ -78,6 +96,63 @@ def record_of(message: Any) -> Record:
     ts = message.timestamp
     ms = -1 if ts is None else round(ts * 1000)
     return Record(message.partition, message.offset, ms, message.headers, message.value, message.key)
+
+
+REREAD_TIMEOUT_S = 10.0  # reading votes again that takes longer is given up, and tried again after this long
+
+
+class VotesRereader:
+    """Reads a range of the votes topic again, with a consumer of its own (no group, nothing committed).
+
+    Created on first use with the app's brokers and credentials, and read_committed like the
+    peer's other reads; `read` returns the records of one partition from `start` up to `end`
+    (exclusive), or None when they did not all come within `timeout` s.
+    """
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app = app
+        self.topic = topic
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            conf = self.app.conf
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=bootstrap_of(self.app).split(","),
+                client_id=f"{conf.broker_client_id}-votes-reread",
+                group_id=None,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+                **credentials_to_aiokafka_auth(conf.broker_credentials, conf.ssl_context),
+            )
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
+
+    async def read(
+        self, partition: int, start: int, end: int, timeout: float = REREAD_TIMEOUT_S
+    ) -> list[Record] | None:
+        consumer = await self._started()
+        tp = KafkaTP(self.topic, partition)
+        consumer.assign([tp])
+        consumer.seek(tp, start)
+        out: list[Record] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await consumer.position(tp) < end:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            got = await consumer.getmany(tp, timeout_ms=int(min(left, 0.5) * 1000), max_records=10_000)
+            for m in got.get(tp, ()):
+                if start <= m.offset < end:
+                    out.append(Record(partition, m.offset, m.timestamp, m.headers, m.value, m.key))
+        return out
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
 
 
 @dataclass
@@ -126,7 +201,10 @@ class FaustPeer:
         self._roots_acked: list[CommittedEntry] = []
         self._lock: asyncio.Lock | None = None
         self._stopping = False
+        self._paused: set[int] = set()  # shards halted by the node, their deltas partition paused
+        self._reread_failed: dict[int, float] = {}  # shard -> when reading its votes again last failed
         deltas, votes = topics.deltas.name, topics.votes.name
+        self.rereader = VotesRereader(app, votes)
         self.deltas_topic = app.topic(deltas, key_serializer="raw", value_serializer="raw", acks=False)
         self.votes_topic = app.topic(votes, key_serializer="raw", value_serializer="raw", acks=False)
         name = f"knhk.{node.settings.chain_id}.{node.peer_id}"
@@ -254,6 +332,9 @@ class FaustPeer:
                         shard,
                     )
                 at = self.node.assign(shard, stop=lambda: self._stopping)
+                if shard in self._paused:  # halted before; taken again, it is read again (and halts again)
+                    self.app.consumer.resume_partitions([TP(deltas, shard)])
+                    self._paused.discard(shard)
                 self._held[shard] = _Held(generation, at.next_offset - 1, at.votes_offset - 1, at.next_offset)
             if shards:
                 log.info("peer %s holds shards %s (generation %s)", self.peer_id, shards, generation)
@@ -271,6 +352,7 @@ class FaustPeer:
             self._stopping = True
             held = list(self._held)
             await self._give_up(held)
+            await self.rereader.stop()
         self.node.telemetry.shutdown()
         d = self.dropped
         log.info(
@@ -334,6 +416,7 @@ class FaustPeer:
                 for vote in self.node.process(records):
                     await self._publish_vote(vote)
                 await self._deliver_votes()
+                self._pause_halted()
 
     async def _votes_agent(self, stream: Any) -> None:
         async for events in stream.take_events(self.batch, within=self.within):
@@ -345,11 +428,45 @@ class FaustPeer:
 
     async def _tick(self) -> None:
         async with self._guard():
+            await self._reread_votes()
             await self._commit_ready()
             if self.markers and self._held:
                 for shard in self.node.markers_due(now_ms()):
                     await self._marker(shard)
+            for out in self.node.evidence_due():
+                await self._publish_evidence(out)
             self._confirm_roots()
+
+    def _pause_halted(self) -> None:
+        """Stop fetching the deltas of shards whose open beat passed its bound (the node reads no more of them)."""
+        halted = [s for s in self.node.take_halted() if s in self._held]
+        if halted:
+            self.app.consumer.pause_partitions([TP(self.topics.deltas.name, s) for s in halted])
+            self._paused.update(halted)
+            log.info("shards %s halted: their deltas partitions are paused until they are assigned again", halted)
+
+    async def _reread_votes(self) -> None:
+        """Read again the votes the node asks for (`votes_to_reread`) and hand them to it."""
+        loop_time = asyncio.get_running_loop().time
+        for shard, offset in self.node.votes_to_reread().items():
+            h = self._held.get(shard)
+            failed = self._reread_failed.get(shard)
+            if h is None or (failed is not None and loop_time() - failed < REREAD_TIMEOUT_S):
+                continue
+            end = h.last_vote + 1  # where the agent is: what comes after, it hands over itself
+            try:
+                records = await self.rereader.read(shard, offset, end)
+                why = f"not all read within {REREAD_TIMEOUT_S:.0f} s"
+            except Exception as e:  # the broker is away: the node asks again later
+                records, why = None, str(e)
+            if records is None:
+                self._reread_failed[shard] = loop_time()
+                log.warning("shard %d: reading votes %d..%d again failed (%s); tried again in %.0f s",
+                            shard, offset, end - 1, why, REREAD_TIMEOUT_S)  # fmt: skip
+                continue
+            self._reread_failed.pop(shard, None)
+            self.node.reading_votes_again(shard, offset)
+            self.node.on_vote_records(records)
 
     # -- records out ------------------------------------------------------------------------
 
@@ -430,6 +547,22 @@ class FaustPeer:
             acked, self._roots_acked = self._roots_acked, []
             self.node.roots_delivered(acked)
 
+    async def _publish_evidence(self, out: Outbound) -> None:
+        """Evidence to the evidence topic; what the broker does not take comes back in `evidence_due`."""
+        try:
+            fut = await self._send(self.topics.evidence.name, out)
+        except Exception as e:
+            log.error("equivocation evidence for shard %d not sent (%s); retried", out.partition, e)
+            self.node.evidence_failed([out])
+            return
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.error("equivocation evidence for shard %d not delivered; retried", out.partition)
+                self.node.evidence_failed([out])
+
+        asyncio.ensure_future(fut).add_done_callback(done)
+
     async def _marker(self, shard: int) -> None:
         producer = await self.app.maybe_start_producer()
         if not getattr(producer, "allow_headers", True):
@@ -459,6 +592,7 @@ def add_peer(
     commit_offsets: bool = True,
     allow_producer_timestamps: bool = False,
     kafka_config: Mapping[str, str] | None = None,
+    limits: NodeLimits | None = None,
 ) -> FaustPeer:
     """Make `app` a knhk-stream peer: agents on the deltas and votes topics, a timer, rebalance hooks.
 
@@ -472,6 +606,8 @@ def add_peer(
     such as the embedded Tansu, which ignores the setting). The check asks the app's
     brokers with confluent-kafka (the `kafka` extra); `kafka_config` holds that
     client's security settings (librdkafka names) when the brokers need them.
+    `limits` are the node's bounds (`NodeLimits`: the open-beat bound, how often
+    unpublished roots are republished, ...), the worker's defaults when None.
     """
     if str(getattr(app.conf.processing_guarantee, "value", app.conf.processing_guarantee)) == "exactly_once":
         raise ValueError(
@@ -491,7 +627,7 @@ def add_peer(
         except ImportError:
             raise MissingExtra("add_peer's LogAppendTime check of the deltas topic", "kafka") from None
         require_log_append_time(bootstrap_of(app), topics.deltas.name, kafka_config)
-    node = PeerNode.connect(settings, peer_id, key, redis_url, prefix, telemetry)
+    node = PeerNode.connect(settings, peer_id, key, redis_url, prefix, telemetry, limits)
     return FaustPeer(app, node, topics, markers=markers, commit_offsets=commit_offsets)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -16,8 +17,14 @@ from types import SimpleNamespace
 import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from knhk_stream.kafka.producer import synthetic_deltas
 from knhk_stream.kafka.topics import load_topics
+from knhk_stream.protocol.decode import encode_json
+from knhk_stream.protocol.encoding import ZERO_HASH, H
+from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER
 from knhk_stream.store.lockchain import load_checkpoint
+from tests.adversarial.helpers import Attacker
 from tests.support.cluster import SHARDS, Cluster
 
 faust = pytest.importorskip("faust")
@@ -37,9 +44,10 @@ def cluster(tmp_path, broker, redis_url) -> Iterator[Cluster]:
     c.close()
 
 
-def start_faust(cluster: Cluster, peer_id: str = "peer-d") -> subprocess.Popen[bytes]:
+def start_faust(cluster: Cluster, peer_id: str = "peer-d", **extra_env: str) -> subprocess.Popen[bytes]:
     """`python -m tests.support.faust_app worker` for `peer_id`, logging to workdir/{peer_id}.log."""
     env = {
+        **extra_env,
         **os.environ,
         "KNHK_BOOTSTRAP": cluster.bootstrap,
         "KNHK_REDIS": cluster.redis_url,
@@ -228,3 +236,76 @@ def test_faust_peer_votes_like_a_worker_and_survives_kill_9(cluster):
         assert f"shard {s}: resume at offset {before[s].next_offset} " in restarted, before[s]
         assert f"deltas[{s}]@{before[s].next_offset}," in restarted, "not seeked to the checkpoint"
         assert max(v.entry.cycle for v in mine if v.entry.shard == s) > before[s].cycle
+
+
+# -- what the worker's loop does beside the agents: the same for a Faust peer -------------------
+
+
+def _faust_alone(cluster: Cluster, peer_id: str = "peer-a", **extra_env: str) -> None:
+    """The Faust peer as the only peer running: the test plays the others (it holds their keys)."""
+    start_faust(cluster, peer_id, **extra_env)
+    cluster.wait_until(lambda: holds_all(cluster, peer_id, 1), 60, f"the Faust {peer_id} to hold every shard")
+
+
+@pytest.mark.integration
+def test_faust_peer_publishes_equivocation_evidence_and_pauses_a_halted_shard(cluster):
+    """Redis can be wiped; the evidence topic cannot: a Faust peer writes what it finds there too.
+    A shard whose open beat passed its bound halts, and its deltas partition is paused, as in the worker."""
+    _faust_alone(cluster, KNHK_MAX_OPEN_BEAT_DELTAS="50")
+    attacker = Attacker(cluster, "peer-d")
+    far = json.dumps({"additions": [{"s": "urn:s", "p": "urn:p", "o": "far"}], "removals": []}).encode()
+    attacker.put(cluster.topics.deltas.name, 1, far, timestamp=2**62)  # keeps its beat open for ever
+    for d in synthetic_deltas(120, seed=5):
+        attacker.put(cluster.topics.deltas.name, 1, encode_json(d))
+    for root, cycle in ((b"one", 5), (b"two", 6)):  # two successors of genesis, both signed by peer-d
+        attacker.send_vote(attacker.vote(Entry("knhk", 0, cycle, H(root), 1, 10**9, 10**9, ZERO_HASH)))
+    attacker.flush()
+
+    found = cluster.store.keys(0).evidence
+    cluster.wait_until(lambda: cluster.store.client.hlen(found) > 0, 30, "peer-a to find the equivocation")
+
+    def reported() -> list[dict]:
+        records = cluster.read_topic(cluster.topics.evidence.name)[0]
+        return [json.loads(m.value()) for m in records]
+
+    cluster.wait_until(lambda: any(ev["reported_by"] == "peer-a" for ev in reported()), 30,
+                       "peer-a's evidence on the evidence topic", reported)  # fmt: skip
+    ev = next(ev for ev in reported() if ev["reported_by"] == "peer-a")
+    assert ev["peer_id"] == "peer-d" and {ev["first"]["cycle"], ev["second"]["cycle"]} == {5, 6}
+    cluster.wait_until(lambda: "shards [1] halted: their deltas partitions are paused" in cluster.log("peer-a"), 30,
+                       "peer-a to halt shard 1 and pause it")  # fmt: skip
+    assert "SHARD 1 HALTED" in cluster.log("peer-a") and "Traceback" not in cluster.log("peer-a")
+
+
+@pytest.mark.integration
+def test_faust_peer_reads_votes_dropped_by_a_peers_share_again_and_commits_them(cluster):
+    """More beats voted than a peer's share of held votes (MAX_HELD_PER_PEER) before any quorum: the
+    votes over the share are dropped, and only reading the votes partition again commits them."""
+    cluster.use_tick_ms(1)
+    _faust_alone(cluster)
+    beats = MAX_HELD_PER_PEER + 60
+    producer = Attacker(cluster)
+    start = (int(time.time() * 1000) // 8 - beats - 100) * 8  # a delta per 8 ms beat, all in the past
+    for i, d in enumerate(synthetic_deltas(beats, seed=3, malformed_every=0)):
+        producer.put(cluster.topics.deltas.name, 0, encode_json(d), timestamp=start + 8 * i)
+    producer.flush()
+    cluster.produced = beats
+
+    def voted() -> list:
+        return [v for v in cluster.votes() if v.peer_id == "peer-a" and v.entry.shard == 0]
+
+    cluster.wait_until(lambda: len(voted()) == beats, 60, f"peer-a to vote on all {beats} beats",
+                       lambda: len(voted()))  # fmt: skip
+    mine = voted()
+    for peer in ("peer-b", "peer-c"):  # one after the other: peer-b's votes past its share are dropped
+        other = Attacker(cluster, peer)
+        for v in mine:
+            other.send_vote(other.vote(v.entry))
+        other.flush()
+        time.sleep(2)
+    last = max(v.entry.cycle for v in mine)
+    cluster.wait_until(lambda: (cluster.store.head(0) or mine[0].entry).cycle == last, 60,
+                       f"every beat committed up to cycle {last}", lambda: cluster.store.head(0))  # fmt: skip
+    assert cluster.committed_receipts() == beats
+    assert [ce.entry for ce in cluster.store.range(0)] == [v.entry for v in mine]
+    assert "read the votes partition again" in cluster.log("peer-a")

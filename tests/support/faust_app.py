@@ -1,6 +1,7 @@
 """A Faust app hosting one knhk-stream peer, configured from the environment (used by test_faust.py).
 
 KNHK_BOOTSTRAP KNHK_REDIS KNHK_SETTINGS KNHK_PEER_ID KNHK_KEY KNHK_PREFIX KNHK_TOPIC_PREFIX KNHK_FAUST_DIR
+KNHK_MAX_OPEN_BEAT_DELTAS (optional: the node's open-beat bound)
 python -m tests.support.faust_app worker -l info
 """
 
@@ -14,6 +15,7 @@ from knhk_stream.integrations.faust import add_peer
 from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.quorum import load_private_key
 from knhk_stream.protocol.settings import ChainSettings
+from knhk_stream.runtime.node import NodeLimits
 
 env = os.environ
 settings = ChainSettings.from_toml(env["KNHK_SETTINGS"])
@@ -45,6 +47,9 @@ peer = add_peer(
     # producer's timestamp), so the peer may not insist on LogAppendTime; the tests'
     # producers are trusted.
     allow_producer_timestamps=True,
+    limits=NodeLimits(max_open_beat_deltas=int(env["KNHK_MAX_OPEN_BEAT_DELTAS"]))
+    if "KNHK_MAX_OPEN_BEAT_DELTAS" in env
+    else None,
 )
 
 if __name__ == "__main__":
