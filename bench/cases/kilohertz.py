@@ -40,6 +40,9 @@ NEEDS = "kafka"
 KILOHERTZ_BEFORE_REF = "95d1955"
 CASE = "9. 1 kHz"
 SHARES = ("own", "broker", "own_vote", "own_commit", "close_fetch", "vote_ack", "vote_fetch", "own_gc")
+# Our share split by the loop threads' scheduler counters (traces that have them: not the before tree's):
+# on a CPU, runnable but waiting for one (the machine's), and the share less that wait.
+SCHED_SHARES = ("own_on_cpu", "own_waiting_for_cpu", "own_less_waiting")
 
 
 def read_vote_index(bootstrap: str, topic: str) -> dict[tuple[int, int], tuple[int, str, bytes]]:
@@ -84,6 +87,10 @@ class Traces:
         self.read: dict[tuple[str, int, int], float] = {}  # (peer, shard, votes offset) -> arrived
         self.appended: dict[tuple[int, int], float] = {}  # (shard, cycle) -> append returned
         self.gc: dict[str, list[tuple[float, float]]] = {}  # peer -> its collections (started, ms), in order
+        # the loop thread's scheduler counters (ms on a CPU, ms waiting for one) at those moments
+        self.vote_sched: dict[tuple[str, int, int], tuple[float, float, float, float]] = {}  # at arrived, produced
+        self.read_sched: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self.appended_sched: dict[tuple[int, int], tuple[float, float]] = {}
         for peer, paths in files.items():
             for path in paths:
                 for line in path.read_text().splitlines():
@@ -96,12 +103,19 @@ class Traces:
                     a, b = int(f[1]), int(f[2])
                     if f[0] == "V":
                         self.vote.setdefault((peer, a, b), (float(f[3]), float(f[4])))
+                        if len(f) >= 9:
+                            self.vote_sched.setdefault((peer, a, b), (float(f[5]), float(f[6]), float(f[7]),
+                                                                      float(f[8])))  # fmt: skip
                     elif f[0] == "K":
                         self.acked[(a, b)] = float(f[3])
                     elif f[0] == "R":
                         self.read.setdefault((peer, a, b), float(f[3]))
+                        if len(f) >= 6:
+                            self.read_sched.setdefault((peer, a, b), (float(f[4]), float(f[5])))
                     elif f[0] == "A":
                         self.appended[(a, b)] = float(f[3])
+                        if len(f) >= 6:
+                            self.appended_sched[(a, b)] = (float(f[4]), float(f[5]))
         for pauses in self.gc.values():
             pauses.sort()
 
@@ -126,12 +140,14 @@ def shares(
     close_fetch = the closing record's ack -> it reached Q; own_vote = reached Q -> Q produced its vote;
     vote_ack = Q's produce -> ack; vote_fetch = acked -> it reached P; own_commit = reached P -> P's
     append returned. The broker's share is close_fetch + vote_ack + vote_fetch; own_gc is the part of
-    ours that Q and P spent collecting garbage.
+    ours that Q and P spent collecting garbage. Where the traces have the scheduler counters, ours is
+    also split into the time Q's and P's loop threads were on a CPU and were runnable but waiting for
+    one (the rest: blocked, e.g. on Redis's reply).
     """
     by_cycle: dict[tuple[int, int], list[tuple[int, str, bytes]]] = {}
     for (shard, offset), (cycle, peer, h) in index.items():
         by_cycle.setdefault((shard, cycle), []).append((offset, peer, h))
-    got: dict[str, list[float]] = {k: [] for k in SHARES}
+    got: dict[str, list[float]] = {k: [] for k in (*SHARES, *SCHED_SHARES)}
     for ce in entries:
         e = ce.entry
         ack = prod.acked.get((e.shard, e.last_offset + 1))
@@ -164,8 +180,16 @@ def shares(
         parts["broker"] = parts["close_fetch"] + parts["vote_ack"] + parts["vote_fetch"]
         for k in SHARES:
             got[k].append(parts[k])
-    out: dict[str, Any] = {"commits_split": len(got["own"])}
-    for k in SHARES:
+        vs, rs, cs = traces.vote_sched.get((q, e.shard, e.cycle)), traces.read_sched.get((p, e.shard, off)), (
+            traces.appended_sched.get((e.shard, e.cycle)))  # fmt: skip
+        if vs is not None and rs is not None and cs is not None:
+            on_cpu = (vs[2] - vs[0]) + (cs[0] - rs[0])
+            waiting = (vs[3] - vs[1]) + (cs[1] - rs[1])
+            got["own_on_cpu"].append(on_cpu)
+            got["own_waiting_for_cpu"].append(waiting)
+            got["own_less_waiting"].append(parts["own"] - waiting)
+    out: dict[str, Any] = {"commits_split": len(got["own"]), "commits_split_sched": len(got["own_on_cpu"])}
+    for k in (*SHARES, *SCHED_SHARES):
         out[f"{k}_p50"] = percentile(got[k], 50)
         out[f"{k}_p99"] = percentile(got[k], 99)
     return out
@@ -267,6 +291,11 @@ def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str
         ("own_vote_p99", "own: closing record in -> vote produced, p99"),
         ("own_commit_p99", "own: quorum vote in -> append returned, p99"),
         ("own_gc_p99", "own: of which garbage collection, p99"),
+        ("own_on_cpu_p50", "own: of which the loop threads were on a CPU, p50"),
+        ("own_on_cpu_p99", "own: of which the loop threads were on a CPU, p99"),
+        ("own_waiting_for_cpu_p50", "own: of which runnable but waiting for a CPU (the machine's), p50"),
+        ("own_waiting_for_cpu_p99", "own: of which runnable but waiting for a CPU (the machine's), p99"),
+        ("own_less_waiting_p99", "own share less the waits for a CPU, p99"),
         ("gc_p99", "garbage collection pauses of the workers, p99"),
         ("gc_max", "garbage collection pauses of the workers, longest"),
         ("close_fetch_p50", "broker: closing record acked -> reached the voter, p50"),

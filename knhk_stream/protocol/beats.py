@@ -12,6 +12,10 @@ from knhk_stream.protocol import merkle
 from knhk_stream.protocol.receipts import ReceiptMaker, receipt_tick
 
 TICKS_PER_BEAT = 8
+# An open beat hashes each run of this many receipts into its Merkle tree as soon as the run is
+# complete, so closing a beat hashes fewer than this many leaves (and one node per level) instead
+# of every receipt: the vote of a long beat leaves that much sooner. A power of two.
+ROOT_CHUNK = 64
 
 
 def beat_ms(tick_ms: int) -> int:
@@ -33,6 +37,7 @@ class Beat:
     first_offset: int
     last_offset: int
     receipts: tuple[bytes, ...]
+    merkle_root: bytes | None = None  # the root of `receipts`, when its assembler built it as they came
 
     @property
     def receipt_count(self) -> int:
@@ -44,7 +49,7 @@ class Beat:
         return tuple(receipt_tick(r) for r in self.receipts)
 
     def root(self) -> bytes:
-        return merkle.root(self.receipts)
+        return self.merkle_root if self.merkle_root is not None else merkle.root(self.receipts)
 
 
 @dataclass(slots=True)
@@ -53,6 +58,22 @@ class _OpenBeat:
     first_offset: int
     last_offset: int
     receipts: list[bytes] = field(default_factory=list)
+    tree: merkle.CompactRange | None = None  # the runs of ROOT_CHUNK receipts hashed so far
+
+    def hash_run(self) -> None:
+        """The last ROOT_CHUNK receipts into the tree (called as each run is complete)."""
+        if self.tree is None:
+            self.tree = merkle.CompactRange()
+        self.tree.add(ROOT_CHUNK, merkle.root(self.receipts[-ROOT_CHUNK:]))
+
+    def closed(self, shard: int) -> Beat:
+        receipts, tree = self.receipts, self.tree
+        if tree is None:
+            root = merkle.root(receipts)
+        else:
+            tail = receipts[tree.leaves :]
+            root = tree.root(merkle.root(tail) if tail else None)
+        return Beat(shard, self.cycle, self.first_offset, self.last_offset, tuple(receipts), root)
 
 
 class BeatAssembler:
@@ -95,15 +116,18 @@ class BeatAssembler:
                 raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
             ob.last_offset = offset
             if not marker:
-                ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
+                receipts = ob.receipts
+                receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
+                if not len(receipts) % ROOT_CHUNK:
+                    ob.hash_run()
             return None
         closed: Beat | None = None
         if ob is not None:
             if offset <= ob.last_offset:
                 raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
             if ob.receipts:
-                closed = Beat(self.shard, ob.cycle, ob.first_offset, ob.last_offset, tuple(ob.receipts))
+                closed = ob.closed(self.shard)
         ob = self._open = _OpenBeat(cycle, offset, offset)
-        if not marker:
+        if not marker:  # the first receipt of a beat: never a whole run
             ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
         return closed

@@ -2,6 +2,8 @@
 
 Bottom-up pairing that promotes an odd last node unchanged builds exactly
 RFC 6962's tree (split at the largest power of two below n), without recursion.
+`CompactRange` builds the same root as the leaves come, so that the root of a
+long list costs little more at the end than that of a short one.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def node_hash(left: bytes, right: bytes, h: HashFn = H) -> bytes:
     return h(b"\x01" + left + right)
 
 
-def _next_level(level: list[bytes], h: HashFn) -> list[bytes]:
-    if h is H:  # BLAKE3 called directly, one hasher reset per node: a Python call less per node
-        b3 = _blake3()
+def _next_level(level: list[bytes], h: HashFn, b3: _blake3 | None = None) -> list[bytes]:
+    """One level up. With BLAKE3 (`b3`: a hasher of the caller's, reset per node; a shared one would
+    interleave with other threads') the hash is called directly: a Python call less per node."""
+    if b3 is not None:
         reset, update = b3.reset, b3.update
         nxt = []
         for a, b in zip(level[::2], level[1::2], strict=False):
@@ -43,9 +46,8 @@ def _next_level(level: list[bytes], h: HashFn) -> list[bytes]:
     return nxt
 
 
-def _leaves(leaves: Sequence[bytes], h: HashFn) -> list[bytes]:
-    if h is H:
-        b3 = _blake3()  # this call's own: a shared hasher would interleave with other threads'
+def _leaves(leaves: Sequence[bytes], h: HashFn, b3: _blake3 | None = None) -> list[bytes]:
+    if b3 is not None:
         reset, update = b3.reset, b3.update
         out = []
         for d in leaves:
@@ -55,28 +57,72 @@ def _leaves(leaves: Sequence[bytes], h: HashFn) -> list[bytes]:
     return [h(b"\x00" + d) for d in leaves]
 
 
+def _hasher(h: HashFn) -> _blake3 | None:
+    """A BLAKE3 hasher of this call's own when `h` is BLAKE3 (one for all its levels)."""
+    return _blake3() if h is H else None
+
+
 def root(leaves: Sequence[bytes], h: HashFn = H) -> bytes:
     """MTH(D[n]); H("") for no leaves."""
     if not leaves:
         return h(b"")
-    level = _leaves(leaves, h)
+    b3 = _hasher(h)
+    level = _leaves(leaves, h, b3)
     while len(level) > 1:
-        level = _next_level(level, h)
+        level = _next_level(level, h, b3)
     return level[0]
+
+
+class CompactRange:
+    """The root of a growing list of leaves, from the perfect subtrees it holds so far.
+
+    RFC 6962's tree of n leaves is the right fold of node_hash over the perfect
+    subtrees of n's binary decomposition, largest (leftmost) first (a compact
+    range, as transparency-dev calls it). Give it the roots of equal-sized perfect
+    subtrees in leaf order (`add`); `root(tail)` folds them with the root of the
+    leaves after them. The result is root() of all the leaves, byte for byte.
+    """
+
+    __slots__ = ("_h", "_nodes", "leaves")
+
+    def __init__(self, h: HashFn = H) -> None:
+        self._h = h
+        self._nodes: list[tuple[int, bytes]] = []  # (leaves, root) of perfect subtrees, sizes decreasing
+        self.leaves = 0  # leaves covered by the subtrees added
+
+    def add(self, size: int, subtree_root: bytes) -> None:
+        """The root of the next `size` leaves (a power of two, the same size every call)."""
+        nodes, node = self._nodes, subtree_root
+        self.leaves += size
+        while nodes and nodes[-1][0] == size:
+            node = node_hash(nodes.pop()[1], node, self._h)
+            size *= 2
+        nodes.append((size, node))
+
+    def root(self, tail_root: bytes | None = None) -> bytes:
+        """MTH of the leaves added, then of the leaves whose root is `tail_root` (None: no more leaves)."""
+        nodes = self._nodes
+        if not nodes:
+            return self._h(b"") if tail_root is None else tail_root
+        node = nodes[-1][1] if tail_root is None else node_hash(nodes[-1][1], tail_root, self._h)
+        for _, left in reversed(nodes[:-1]):
+            node = node_hash(left, node, self._h)
+        return node
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int, h: HashFn = H) -> list[bytes]:
     """RFC 6962 audit path PATH(index, D[n]), bottom to top."""
     if not 0 <= index < len(leaves):
         raise IndexError(f"leaf index {index} outside a tree of {len(leaves)} leaves")
-    level = _leaves(leaves, h)
+    b3 = _hasher(h)
+    level = _leaves(leaves, h, b3)
     path: list[bytes] = []
     i = index
     while len(level) > 1:
         sibling = i ^ 1
         if sibling < len(level):
             path.append(level[sibling])
-        level = _next_level(level, h)
+        level = _next_level(level, h, b3)
         i //= 2
     return path
 

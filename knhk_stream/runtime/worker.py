@@ -44,7 +44,7 @@ from knhk_stream.protocol.committed import CommittedEntry
 from knhk_stream.protocol.engine import PeerEngine
 from knhk_stream.protocol.quorum import Vote
 from knhk_stream.protocol.settings import ChainSettings
-from knhk_stream.runtime.latency_trace import LatencyTrace, wall_ms
+from knhk_stream.runtime.latency_trace import LatencyTrace
 from knhk_stream.runtime.node import (
     ROOTS_TAIL,
     Interrupt,
@@ -235,7 +235,7 @@ class Worker:
         self._trace = LatencyTrace.from_env()  # off unless KNHK_STREAM_LATENCY_TRACE is set (the bench sets it)
         if self._trace is not None and self.node.on_commit is None:
             trace = self._trace
-            self.node.on_commit = lambda ce, _lat: trace.appended(ce.entry.shard, ce.entry.cycle, wall_ms())
+            self.node.on_commit = lambda ce, _lat: trace.appended(ce.entry.shard, ce.entry.cycle, trace.now())
 
     @property
     def stats(self) -> dict[str, int]:
@@ -407,14 +407,14 @@ class Worker:
         """
         msgs = self.deltas.consume(self.opts.batch, timeout=STEP_WAIT_S)
         trace = self._trace
-        arrived = wall_ms() if trace is not None else 0.0
+        arrived = trace.now() if trace is not None else None
         self._report_kafka()
         if msgs:
             if self._watch_timestamps:
                 self._check_timestamp_type(msgs)
             for vote in self.node.process_iter(records(msgs)):  # each vote out as soon as it is made
-                if trace is not None:
-                    trace.vote(vote.entry.shard, vote.entry.cycle, arrived, wall_ms())
+                if trace is not None and arrived is not None:
+                    trace.vote(vote.entry.shard, vote.entry.cycle, arrived, trace.now())
                 self._publish_vote(vote)
             for shard in self.node.take_halted():  # its open beat passed its bounds: read no more of it
                 self.deltas.pause([TopicPartition(self.topics.deltas.name, shard)])
@@ -423,7 +423,7 @@ class Worker:
             self._deliver_votes()  # retried, waiting: no checkpoint moves past a vote not delivered
         vote_records = records(self.votes.consume(10_000, timeout=0))
         if trace is not None and vote_records:
-            trace.votes_read(((r.partition, r.offset) for r in vote_records), wall_ms())
+            trace.votes_read(((r.partition, r.offset) for r in vote_records), trace.now())
         self.node.on_vote_records(vote_records)
         for shard, offset in self.node.votes_to_reread().items():
             try:

@@ -92,6 +92,49 @@ def test_every_inclusion_proof_verifies(hash_name, leaves, data):
     assert merkle.inclusion_proof(leaves, i, h) == ref_path(i, leaves, h)
 
 
+@pytest.mark.parametrize("hash_name", sorted(HASHES))
+@FAST
+@given(n=st.integers(0, 700), chunk=st.sampled_from([1, 2, 4, 64]), seed=st.binary(max_size=4))
+def test_a_compact_range_of_equal_subtrees_and_a_tail_gives_the_root(hash_name, n, chunk, seed):
+    """CompactRange: the roots of runs of `chunk` leaves, then the tail's root, fold to MTH of all."""
+    h = HASHES[hash_name]
+    leaves = [seed + i.to_bytes(2, "big") for i in range(n)]
+    cr = merkle.CompactRange(h)
+    whole = n // chunk * chunk
+    for i in range(0, whole, chunk):
+        cr.add(chunk, merkle.root(leaves[i : i + chunk], h))
+    assert cr.leaves == whole
+    tail = leaves[whole:]
+    assert cr.root(merkle.root(tail, h) if tail else None) == merkle.root(leaves, h) == ref_mth(leaves, h)
+
+
+@SLOW
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=6), markers=st.sets(st.integers(0, 1500)))
+def test_beats_built_as_their_receipts_come_have_the_root_of_their_receipts(sizes, markers):
+    """An open beat hashes runs of ROOT_CHUNK receipts as they come; closed, its root is still MTH of them."""
+    proc = DeltaProcessor(load_hook("canonical@1"))
+    a = BeatAssembler(0, 1, proc)
+    beats, offset = [], 0
+    for cycle, size in enumerate(sizes):
+        for _ in range(size):
+            marker = offset in markers
+            b = a.feed(offset, cycle * TICKS_PER_BEAT, marker, None if marker else b'{"additions": []}')
+            if b is not None:
+                beats.append(b)
+            offset += 1
+    b = a.feed(offset, len(sizes) * TICKS_PER_BEAT, True, None)
+    if b is not None:
+        beats.append(b)
+    assert beats and all(b.root() == merkle.root(b.receipts) for b in beats)
+    assert [b.receipt_count for b in beats] == [
+        c
+        for c in (
+            sum(1 for o in range(sum(sizes[:i]), sum(sizes[: i + 1])) if o not in markers) for i in range(len(sizes))
+        )
+        if c
+    ]
+
+
 def _flip(b: bytes, pos: int, mask: int) -> bytes:
     if not b:
         return b"\x00"
