@@ -14,8 +14,10 @@ from knhk_stream.protocol.receipts import ReceiptMaker, receipt_tick
 TICKS_PER_BEAT = 8
 # An open beat hashes each run of this many receipts into its Merkle tree as soon as the run is
 # complete, so closing a beat hashes fewer than this many leaves (and one node per level) instead
-# of every receipt: the vote of a long beat leaves that much sooner. A power of two.
-ROOT_CHUNK = 64
+# of every receipt: the vote of a long beat leaves that much sooner. A power of two: 128 costs
+# about 2% of the core's throughput in call overhead (64 about twice that), and a close hashes at
+# most 127 leaves (bench/README.md, "Closing a long beat").
+ROOT_CHUNK = 128
 
 
 def beat_ms(tick_ms: int) -> int:

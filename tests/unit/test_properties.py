@@ -94,7 +94,7 @@ def test_every_inclusion_proof_verifies(hash_name, leaves, data):
 
 @pytest.mark.parametrize("hash_name", sorted(HASHES))
 @FAST
-@given(n=st.integers(0, 700), chunk=st.sampled_from([1, 2, 4, 64]), seed=st.binary(max_size=4))
+@given(n=st.integers(0, 700), chunk=st.sampled_from([1, 2, 4, 64, 128]), seed=st.binary(max_size=4))
 def test_a_compact_range_of_equal_subtrees_and_a_tail_gives_the_root(hash_name, n, chunk, seed):
     """CompactRange: the roots of runs of `chunk` leaves, then the tail's root, fold to MTH of all."""
     h = HASHES[hash_name]
