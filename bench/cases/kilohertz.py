@@ -42,7 +42,8 @@ CASE = "9. 1 kHz"
 SHARES = ("own", "broker", "own_vote", "own_commit", "close_fetch", "vote_ack", "vote_fetch", "own_gc")
 # Our share split by the loop threads' scheduler counters (traces that have them: not the before tree's):
 # on a CPU, runnable but waiting for one (the machine's), and the share less that wait.
-SCHED_SHARES = ("own_on_cpu", "own_waiting_for_cpu", "own_less_waiting")
+SCHED_SHARES = ("own_on_cpu", "own_waiting_for_cpu", "own_less_waiting", "own_commit_on_cpu",
+                "own_commit_waiting_for_cpu")  # fmt: skip
 
 
 def read_vote_index(bootstrap: str, topic: str) -> dict[tuple[int, int], tuple[int, str, bytes]]:
@@ -188,6 +189,8 @@ def shares(
             got["own_on_cpu"].append(on_cpu)
             got["own_waiting_for_cpu"].append(waiting)
             got["own_less_waiting"].append(parts["own"] - waiting)
+            got["own_commit_on_cpu"].append(cs[0] - rs[0])
+            got["own_commit_waiting_for_cpu"].append(cs[1] - rs[1])
     out: dict[str, Any] = {"commits_split": len(got["own"]), "commits_split_sched": len(got["own_on_cpu"])}
     for k in (*SHARES, *SCHED_SHARES):
         out[f"{k}_p50"] = percentile(got[k], 50)
@@ -296,6 +299,8 @@ def _add_rows(rep: Report, tick_ms: int, after: dict[str, Any], before: dict[str
         ("own_waiting_for_cpu_p50", "own: of which runnable but waiting for a CPU (the machine's), p50"),
         ("own_waiting_for_cpu_p99", "own: of which runnable but waiting for a CPU (the machine's), p99"),
         ("own_less_waiting_p99", "own share less the waits for a CPU, p99"),
+        ("own_commit_on_cpu_p50", "own: quorum vote in -> append returned, on a CPU, p50"),
+        ("own_commit_waiting_for_cpu_p50", "own: quorum vote in -> append returned, waiting for a CPU, p50"),
         ("gc_p99", "garbage collection pauses of the workers, p99"),
         ("gc_max", "garbage collection pauses of the workers, longest"),
         ("close_fetch_p50", "broker: closing record acked -> reached the voter, p50"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from knhk_stream.protocol.beats import Beat
 from knhk_stream.protocol.encoding import ZERO_HASH, H, str16, u32, u64
@@ -18,9 +18,18 @@ class Entry:
     first_offset: int
     last_offset: int
     prev_entry_hash: bytes
+    # entry_hash, once computed: a peer asks for it several times per vote (decode, count, commit)
+    _entry_hash: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def entry_hash(self) -> bytes:
+        h = self._entry_hash
+        if h is None:
+            h = self._hash()
+            object.__setattr__(self, "_entry_hash", h)  # frozen: the fields it covers never change
+        return h
+
+    def _hash(self) -> bytes:
         return H(
             b"\x02"
             + str16(self.chain_id)
@@ -70,7 +79,7 @@ class Entry:
 
 # The entry's fields in protocol order (what entry_hash covers), as the dataclass above defines them.
 _KINDS: tuple[tuple[str, str], ...] = tuple(
-    (f.name, f.type if isinstance(f.type, str) else f.type.__name__) for f in fields(Entry)
+    (f.name, f.type if isinstance(f.type, str) else f.type.__name__) for f in fields(Entry) if f.init
 )
 ENTRY_FIELDS: tuple[str, ...] = tuple(name for name, _ in _KINDS)
 ENTRY_INT_FIELDS: tuple[str, ...] = tuple(name for name, kind in _KINDS if kind == "int")
