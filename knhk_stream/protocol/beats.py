@@ -12,11 +12,11 @@ from knhk_stream.protocol import merkle
 from knhk_stream.protocol.receipts import ReceiptMaker, receipt_tick
 
 TICKS_PER_BEAT = 8
-# An open beat hashes each run of this many receipts into its Merkle tree as soon as the run is
-# complete, so closing a beat hashes fewer than this many leaves (and one node per level) instead
-# of every receipt: the vote of a long beat leaves that much sooner. A power of two: 128 costs
-# about 2% of the core's throughput in call overhead (64 about twice that), and a close hashes at
-# most 127 leaves (bench/README.md, "Closing a long beat").
+# `BeatAssembler.hash_ahead` hashes each complete run of this many receipts of the open beat into
+# its Merkle tree, so that closing the beat then hashes fewer than this many leaves (and one node a
+# level) instead of every receipt: the vote of a long beat leaves that much sooner. Runs cost some
+# 10% more hashing than one tree at the close, which is why the caller hashes ahead only while it
+# has time to spare (bench/README.md, "Closing a long beat"). A power of two.
 ROOT_CHUNK = 128
 
 
@@ -62,17 +62,23 @@ class _OpenBeat:
     receipts: list[bytes] = field(default_factory=list)
     tree: merkle.CompactRange | None = None  # the runs of ROOT_CHUNK receipts hashed so far
 
-    def hash_run(self) -> None:
-        """The last ROOT_CHUNK receipts into the tree (called as each run is complete)."""
-        if self.tree is None:
-            self.tree = merkle.CompactRange()
-        self.tree.add(ROOT_CHUNK, merkle.root(self.receipts[-ROOT_CHUNK:]))
+    def hash_ahead(self) -> None:
+        """Every complete run of ROOT_CHUNK receipts not yet in the tree, into it."""
+        receipts = self.receipts
+        done = self.tree.leaves if self.tree is not None else 0
+        while len(receipts) - done >= ROOT_CHUNK:
+            if self.tree is None:
+                self.tree = merkle.CompactRange()
+            self.tree.add(ROOT_CHUNK, merkle.root(receipts[done : done + ROOT_CHUNK]))
+            done += ROOT_CHUNK
 
     def closed(self, shard: int) -> Beat:
-        receipts, tree = self.receipts, self.tree
-        if tree is None:
+        receipts = self.receipts
+        if self.tree is None:
             root = merkle.root(receipts)
         else:
+            self.hash_ahead()  # the runs completed since: the tail must be shorter than every subtree
+            tree = self.tree
             tail = receipts[tree.leaves :]
             root = tree.root(merkle.root(tail) if tail else None)
         return Beat(shard, self.cycle, self.first_offset, self.last_offset, tuple(receipts), root)
@@ -99,6 +105,12 @@ class BeatAssembler:
         return len(self._open.receipts) if self._open else 0
 
     @property
+    def open_hashed(self) -> int:
+        """Receipts of the open beat already in its Merkle tree (`hash_ahead`)."""
+        tree = self._open.tree if self._open else None
+        return tree.leaves if tree is not None else 0
+
+    @property
     def open_first_offset(self) -> int | None:
         """Where a fresh assembler must start to rebuild the open beat."""
         return self._open.first_offset if self._open else None
@@ -118,10 +130,7 @@ class BeatAssembler:
                 raise ValueError(f"shard {self.shard}: offset {offset} after {ob.last_offset}")
             ob.last_offset = offset
             if not marker:
-                receipts = ob.receipts
-                receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
-                if not len(receipts) % ROOT_CHUNK:
-                    ob.hash_run()
+                ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
             return None
         closed: Beat | None = None
         if ob is not None:
@@ -130,6 +139,12 @@ class BeatAssembler:
             if ob.receipts:
                 closed = ob.closed(self.shard)
         ob = self._open = _OpenBeat(cycle, offset, offset)
-        if not marker:  # the first receipt of a beat: never a whole run
+        if not marker:
             ob.receipts.append(self.processor.receipt(self.shard, cycle, tick, offset, value))
         return closed
+
+    def hash_ahead(self) -> None:
+        """Hash the open beat's complete runs of ROOT_CHUNK receipts now, so its close costs less
+        (the root is the same either way). For a caller with time to spare: not in a backlog."""
+        if self._open is not None:
+            self._open.hash_ahead()

@@ -206,6 +206,14 @@ class PeerEngine:
         asm = self._shards[shard].assembler
         return asm.open_cycle, asm.open_first_offset, asm.open_deltas
 
+    def hash_ahead(self, shard: int) -> None:
+        """Hash what is complete of the shard's open beat's Merkle tree (`BeatAssembler.hash_ahead`)."""
+        self._shards[shard].assembler.hash_ahead()
+
+    def open_hashed(self, shard: int) -> int:
+        """Receipts of the shard's open beat already hashed into its Merkle tree."""
+        return self._shards[shard].assembler.open_hashed
+
     def last_tick_ms(self, shard: int) -> int | None:
         """T of the shard's last record in ms: the running maximum of the records' timestamps (a record
         stamped earlier does not move it back), None before the first record."""

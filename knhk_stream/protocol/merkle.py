@@ -80,7 +80,8 @@ class CompactRange:
     subtrees of n's binary decomposition, largest (leftmost) first (a compact
     range, as transparency-dev calls it). Give it the roots of equal-sized perfect
     subtrees in leaf order (`add`); `root(tail)` folds them with the root of the
-    leaves after them. The result is root() of all the leaves, byte for byte.
+    leaves after them, which must be fewer than one subtree holds. The result is
+    root() of all the leaves, byte for byte.
     """
 
     __slots__ = ("_h", "_nodes", "leaves")

@@ -155,6 +155,10 @@ class NodeLimits:
 
 
 MAX_MARKER_DELAY_MS = 1000  # the most a shard's delivery lag holds a marker back
+# After a batch of at most this many deltas (a steady stream, not a backlog) the open beats of its
+# shards hash their Merkle trees ahead, so that their close is quicker (`BeatAssembler.hash_ahead`);
+# in a backlog that work would only slow the batch, so a larger batch leaves it to the close.
+HASH_AHEAD_BELOW = 1000
 
 
 @dataclass(slots=True)
@@ -524,6 +528,9 @@ class PeerNode:
                 yield vote
         for shard in held:  # once a batch: an open beat overshoots its bound by at most one batch
             self._check_open_beat(shard)
+        if n < HASH_AHEAD_BELOW:
+            for shard in read:
+                self.engine.hash_ahead(shard)
         at = now_ms()
         for shard in read:
             t = self.engine.last_tick_ms(shard)  # T, not the record's own timestamp, which may lie far back
