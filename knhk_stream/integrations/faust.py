@@ -439,7 +439,7 @@ class FaustPeer:
 
     def _pause_halted(self) -> None:
         """Stop fetching the deltas of shards whose open beat passed its bound (the node reads no more of them)."""
-        halted = [s for s in self.node.take_halted() if s in self._held]
+        halted = self.node.take_halted()  # held shards only: the node halts nothing else
         if halted:
             self.app.consumer.pause_partitions([TP(self.topics.deltas.name, s) for s in halted])
             self._paused.update(halted)
@@ -456,9 +456,10 @@ class FaustPeer:
             end = h.last_vote + 1  # where the agent is: what comes after, it hands over itself
             try:
                 records = await self.rereader.read(shard, offset, end)
-                why = f"not all read within {REREAD_TIMEOUT_S:.0f} s"
             except Exception as e:  # the broker is away: the node asks again later
                 records, why = None, str(e)
+            else:
+                why = f"not all read within {REREAD_TIMEOUT_S:.0f} s"
             if records is None:
                 self._reread_failed[shard] = loop_time()
                 log.warning("shard %d: reading votes %d..%d again failed (%s); tried again in %.0f s",

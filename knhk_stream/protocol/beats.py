@@ -64,12 +64,12 @@ class _OpenBeat:
 
     def hash_ahead(self) -> None:
         """Every complete run of ROOT_CHUNK receipts not yet in the tree, into it."""
-        receipts = self.receipts
-        done = self.tree.leaves if self.tree is not None else 0
+        receipts, tree = self.receipts, self.tree
+        done = tree.leaves if tree is not None else 0
         while len(receipts) - done >= ROOT_CHUNK:
-            if self.tree is None:
-                self.tree = merkle.CompactRange()
-            self.tree.add(ROOT_CHUNK, merkle.root(receipts[done : done + ROOT_CHUNK]))
+            if tree is None:
+                tree = self.tree = merkle.CompactRange()
+            tree.add(ROOT_CHUNK, merkle.root(receipts[done : done + ROOT_CHUNK]))
             done += ROOT_CHUNK
 
     def closed(self, shard: int) -> Beat:

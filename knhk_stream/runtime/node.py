@@ -155,7 +155,7 @@ class NodeLimits:
 
 
 MAX_MARKER_DELAY_MS = 1000  # the most a shard's delivery lag holds a marker back
-# After a batch of at most this many deltas (a steady stream, not a backlog) the open beats of its
+# After a batch of fewer than this many deltas (a steady stream, not a backlog) the open beats of its
 # shards hash their Merkle trees ahead, so that their close is quicker (`BeatAssembler.hash_ahead`);
 # in a backlog that work would only slow the batch, so a larger batch leaves it to the close.
 HASH_AHEAD_BELOW = 1000
