@@ -23,6 +23,7 @@ from knhk_stream.protocol.committed import STORED_FIELDS, STORED_INT_FIELDS, Com
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import is_marker
 from knhk_stream.protocol.entry import Entry
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.proof import BundleCheck, StepResult, make_bundle, verify_bundle, vote_problems
 from knhk_stream.protocol.receipts import ReceiptMaker, receipt_offset, rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
@@ -726,7 +727,7 @@ class ImportResult:
 
 def _parse_line(n: int, line: str) -> CommittedEntry:
     try:
-        obj = json.loads(line)
+        obj = loads_json(line)
     except ValueError as e:
         raise ChainImportError(n, f"not JSON: {e}") from None
     if not isinstance(obj, dict):

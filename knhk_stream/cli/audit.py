@@ -34,6 +34,7 @@ from knhk_stream.cli.common import (
     shards_of,
     store_options,
 )
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.settings import ChainSettings
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def verify_proof(bundle: IO[str], settings_path: Path, as_json: bool) -> None:
 
     settings = ChainSettings.from_toml(settings_path)
     try:
-        data = json.load(bundle)
+        data = loads_json(bundle.read())
     except ValueError as e:
         msg = f"{bundle.name} is not JSON: {e}"
         check = BundleCheck(False, "bundle", f"step bundle failed: {msg}", [StepResult("bundle", False, msg)])

@@ -20,12 +20,13 @@ from knhk_stream.cli.common import fail_cleanly, open_store, prefix_option, redi
 from knhk_stream.errors import EpochError
 from knhk_stream.protocol.beats import TICKS_PER_BEAT
 from knhk_stream.protocol.epochs import Epoch, transition_problems
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.settings import ChainSettings
 
 
 def _load_statement(path: Path, settings: ChainSettings) -> Epoch:
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = loads_json(path.read_text("utf-8"))
     except (OSError, ValueError) as e:
         raise click.ClickException(f"cannot read the epoch statement {path}: {e}") from None
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import random
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -13,6 +12,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from knhk_stream.errors import KnhkError
 from knhk_stream.kafka.topics import load_topics
 from knhk_stream.protocol.decode import TOO_LARGE, Delta, Rejected, Triple, decode_delta, encode_avro, encode_json
+from knhk_stream.protocol.jsontext import loads_json
 
 DELTA_FIELDS = ("additions", "removals", "id", "actor")
 TRIPLE_FIELDS = ("s", "p", "o", "g")
@@ -193,7 +193,7 @@ def delta_from_json(text: str | bytes) -> Delta:
     """
     raw = text.encode("utf-8") if isinstance(text, str) else text
     try:
-        obj = json.loads(raw, object_pairs_hook=_no_repeats)
+        obj = loads_json(raw, object_pairs_hook=_no_repeats)
     except DeltaInputError:
         raise
     except UnicodeDecodeError as e:
@@ -221,7 +221,7 @@ def delta_from_json(text: str | bytes) -> Delta:
 
 def parse_delta_json(text: str) -> Delta:
     """A JSON delta, leniently (missing fields are empty; see `delta_from_json` for the strict check)."""
-    obj = json.loads(text)
+    obj = loads_json(text)
 
     def triples(items: list[dict[str, Any]]) -> tuple[Triple, ...]:
         return tuple(Triple(t["s"], t["p"], t["o"], t.get("g")) for t in items)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_INT_FIELDS, Entry
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.quorum import Vote
 
 # The fields of a committed entry in protocol order: the Redis hash (protocol "Redis"), export lines.
@@ -50,7 +51,7 @@ class CommittedEntry:
         """From a Redis hash or a JSON object; ValueError/KeyError on a bad field."""
         votes = f["votes"]
         if isinstance(votes, str):
-            votes = json.loads(votes)
+            votes = loads_json(votes)
         return cls(
             Entry.from_fields(f),
             bytes.fromhex(str(f["entry_hash"])),

@@ -8,7 +8,6 @@ report about themselves (halts, alarms) is shown as their report.
 
 from __future__ import annotations
 
-import json
 import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 from knhk_stream.kafka.topics import Topics
 from knhk_stream.protocol.engine import is_marker
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.store.lockchain import (
     LockchainStore,
@@ -183,7 +183,7 @@ def read_evidence(common: dict[str, Any], topic: str, partitions: int) -> dict[i
     out: dict[int, list[Any]] = {}
     for m in read_upto(common, topic, end_offsets(common, topic, parts)):
         try:
-            obj = json.loads(m.value() or b"")
+            obj = loads_json(m.value() or b"")
         except ValueError:
             obj = None  # counted as invalid evidence
         out.setdefault(m.partition(), []).append(obj)

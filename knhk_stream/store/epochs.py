@@ -11,6 +11,7 @@ import json
 
 from knhk_stream.errors import EpochError
 from knhk_stream.protocol.epochs import Epoch
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.store.keys import epochs_key
 from knhk_stream.store.lockchain import LockchainStore, as_text
 
@@ -32,7 +33,7 @@ def load_epochs(store: LockchainStore) -> tuple[list[Epoch], list[str]]:
         name = as_text(field)
         try:
             text = value.decode("utf-8") if isinstance(value, bytes) else str(value)
-            e = Epoch.from_json(json.loads(text), store.chain_id)
+            e = Epoch.from_json(loads_json(text), store.chain_id)
         except (UnicodeDecodeError, ValueError, EpochError) as err:
             findings.append(f"Redis epoch {name!r}: {err}")
             continue

@@ -24,6 +24,7 @@ from knhk_stream.errors import ForkError, KnhkError, LockchainError, NotNextErro
 from knhk_stream.protocol.committed import STORED_FIELDS, CommittedEntry
 from knhk_stream.protocol.encoding import ZERO_HASH, cycle_key, parse_hash, str16, u32, u64
 from knhk_stream.protocol.entry import ENTRY_FIELDS, ENTRY_HASH_FIELDS, Entry
+from knhk_stream.protocol.jsontext import loads_json
 from knhk_stream.protocol.keys import verify_signature
 from knhk_stream.protocol.quorum import (
     Equivocation,
@@ -480,7 +481,7 @@ def check_entry(
                 CommittedEntry.from_mapping({**raw, name: _placeholder(name)})
             except (ValueError, KeyError, TypeError):
                 continue
-            bad(name, f"cannot be read: {raw[name]!r}")
+            bad(name, f"cannot be read ({e}): {_clipped(raw[name])}")
             return out, None
         bad(STORED_FIELDS, f"entry cannot be read: {e}")
         return out, None
@@ -553,6 +554,11 @@ def _out_of_range(e: Entry) -> tuple[str, str] | None:
     if not 1 <= size <= 64:
         return "chain_id", f"has {size} bytes, not 1..64"
     return None
+
+
+def _clipped(text: str, keep: int = 80) -> str:
+    """A stored value as a finding quotes it: whole when short, else its start and its length."""
+    return repr(text) if len(text) <= keep else f"{text[:keep]!r}… ({len(text):,} characters)"
 
 
 def _placeholder(name: str) -> str:
@@ -816,7 +822,7 @@ def get_evidence(store: LockchainStore, shard: int) -> list[dict[str, Any]]:
     out = []
     for v in store.client.hgetall(store.keys(shard).evidence).values():
         try:
-            obj = json.loads(v)
+            obj = loads_json(v)
         except ValueError:
             continue
         if isinstance(obj, dict):
@@ -961,7 +967,7 @@ def get_health(store: LockchainStore, shard: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for k, v in store.client.hgetall(store.keys(shard).health).items():
         try:
-            obj = json.loads(v)
+            obj = loads_json(v)
         except ValueError:
             continue
         if isinstance(obj, dict):
@@ -1074,7 +1080,7 @@ def load_pins(path: Path, chain_id: str, prefix: str) -> dict[int, Pin]:
         "written by `chain verify --pin` only"
     )
     try:
-        data = json.loads(path.read_text("utf-8"))
+        data = loads_json(path.read_text("utf-8"))
         if not isinstance(data, dict) or data.get("format") != PIN_FORMAT:
             raise ValueError(f"not a {PIN_FORMAT} file")
         if data.get("chain_id") != chain_id or data.get("prefix") != prefix:

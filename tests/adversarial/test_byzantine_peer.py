@@ -16,7 +16,8 @@ from knhk_stream.protocol.encoding import ZERO_HASH, H
 from knhk_stream.protocol.entry import Entry
 from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, WINDOW, load_private_key, public_key_bytes
 from knhk_stream.protocol.wire import decode_root
-from knhk_stream.runtime.node import PeerNode, Record, now_ms
+from knhk_stream.runtime.node import EPOCH_POLL_S, PeerNode, Record, now_ms
+from knhk_stream.store.keys import epochs_key
 from knhk_stream.store.lockchain import (
     Checkpoint,
     checkpoint_message,
@@ -294,3 +295,36 @@ def test_erased_equivocation_evidence_is_still_reported(cluster: Cluster):
     cluster.wait_all_committed()  # an equivocation stops nothing
     cluster.stop_all()
     cluster.assert_chains_match_replay()
+
+
+# -- 10. JSON nested past the interpreter's limit -------------------------------------------
+
+
+def test_json_nested_too_deeply_in_redis_or_on_the_evidence_topic_is_a_finding(cluster: Cluster):
+    """`json.loads` raises RecursionError, not ValueError, on `[[[[…` nested past Python's limit. Written
+    where peers and auditors read JSON back (an epoch statement every peer polls, a stored entry's votes,
+    health and evidence in Redis, the evidence topic), it crashed every peer and `chain verify`."""
+    cluster.start_all()
+    cluster.produce(400, rate=2000)
+    cluster.wait_all_committed()
+    deep = "[" * 100_000
+    client, k = cluster.store.client, cluster.store.keys(0)
+    client.hset(epochs_key(cluster.prefix, cluster.settings.chain_id), "7", deep)
+    client.hset(k.health, "peer-x", deep)
+    client.hset(k.evidence, "deep", deep)
+    attacker = Attacker(cluster)
+    attacker.put(cluster.topics.evidence.name, 0, deep.encode(), b"deep")
+    attacker.flush()
+    time.sleep(2 * EPOCH_POLL_S)  # every peer has read the epochs again
+    cluster.produce(400, rate=2000)
+    cluster.wait_all_committed()
+    assert all(p.poll() is None for p in cluster.procs.values()), {n: p.poll() for n, p in cluster.procs.items()}
+    first = cluster.store.range(0)[0].entry.cycle
+    client.hset(k.entry(first), "votes", deep)
+    verify = cli("chain", "verify", *settings_args(cluster), "--shard", "0")
+    assert verify.exit_code == 1 and not isinstance(verify.exception, RecursionError), verify.output
+    assert f"cycle {first}" in verify.output and "nested too deeply" in verify.output, verify.output
+    _code, shards = status(cluster)  # exit 0 or 3, never a traceback
+    assert shards[0]["invalid_evidence"] >= 1, shards[0]  # the topic's record (Redis' unreadable ones are skipped)
+    assert "nested too deeply" in cluster.log("peer-a")  # the epoch finding, logged once
+    cluster.stop_all()

@@ -10,12 +10,15 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from knhk_stream.audit.core import DeltaLog, audit_shard, export_chain, import_chain
+from knhk_stream.cli.main import main
 from knhk_stream.errors import ChainImportError, InvalidRoot
 from knhk_stream.kafka.embedded import create_topics
+from knhk_stream.kafka.producer import DeltaInputError, delta_from_json
 from knhk_stream.kafka.roots import check_root
 from knhk_stream.protocol.beats import BeatAssembler
 from knhk_stream.protocol.committed import CommittedEntry
@@ -36,6 +39,9 @@ from knhk_stream.store.lockchain import (
     pin_problems,
     verify_range,
 )
+
+# Past the interpreter's recursion limit: json.loads raises RecursionError on it, not ValueError.
+DEEP = "[" * 100_000
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 
@@ -60,6 +66,7 @@ hostile = st.one_of(
             '[{"peer_id": 1, "signature": "00"}]',
             "18446744073709551616",
             " 7",
+            DEEP,
         ]
     ),
 )
@@ -293,3 +300,19 @@ def test_hostile_checkpoints_cannot_be_read_and_say_so(fresh_store, fields):
         load_checkpoint(store, "peer-a", 0)
     except ValueError as e:
         assert "checkpoint of peer 'peer-a'" in str(e)
+
+
+def test_json_nested_past_the_recursion_limit_is_a_finding_in_every_file_reader(fresh_store, settings, tmp_path):
+    with pytest.raises(ChainImportError, match="nested too deeply"):
+        import_chain(fresh_store([]), settings, [DEEP], dry_run=False)
+    pins = tmp_path / "pins.json"
+    pins.write_text(DEEP)
+    with pytest.raises(PinFileError, match="nested too deeply"):
+        load_pins(pins, "knhk", "knhk")
+    with pytest.raises(DeltaInputError, match="nested too deeply"):
+        delta_from_json(DEEP)
+    bundle_file, settings_file = tmp_path / "bundle.json", tmp_path / "chain.toml"
+    bundle_file.write_text(DEEP)
+    settings_file.write_text(settings.to_toml())
+    result = CliRunner().invoke(main, ["verify-proof", str(bundle_file), "--settings", str(settings_file)])
+    assert result.exit_code == 1 and "nested too deeply" in result.output, result.output
