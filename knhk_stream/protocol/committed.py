@@ -49,13 +49,10 @@ class CommittedEntry:
     @classmethod
     def from_mapping(cls, f: dict[str, Any]) -> CommittedEntry:
         """From a Redis hash or a JSON object; ValueError/KeyError on a bad field."""
-        votes = f["votes"]
-        if isinstance(votes, str):
-            votes = loads_json(votes)
         return cls(
             Entry.from_fields(f),
             bytes.fromhex(str(f["entry_hash"])),
-            tuple((str(v["peer_id"]), bytes.fromhex(v["signature"])) for v in votes),
+            votes_from_json(f["votes"]),
             str(f["committed_by"]),
             int(f["committed_at_ms"]),
             int(f.get("epoch", 0)),
@@ -66,6 +63,18 @@ class CommittedEntry:
         ordered = sorted(((v.peer_id, v.signature) for v in votes), key=lambda pv: pv[0])
         epoch = votes[0].epoch if votes else 0
         return cls(entry, entry.entry_hash, tuple(ordered), committed_by, at_ms, epoch)
+
+
+def votes_from_json(votes: str | list[Any]) -> tuple[tuple[str, bytes], ...]:
+    """`votes_json`'s text (or the list it holds) read back; ValueError when it is not that shape."""
+    if isinstance(votes, str):
+        votes = loads_json(votes)
+    if not isinstance(votes, list):
+        raise ValueError(f"votes must be a JSON array, not {type(votes).__name__}")
+    try:
+        return tuple((str(v["peer_id"]), bytes.fromhex(v["signature"])) for v in votes)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"each vote must be an object with peer_id and a hex signature ({e!r})") from None
 
 
 def votes_json(votes: Sequence[tuple[str, bytes]]) -> str:

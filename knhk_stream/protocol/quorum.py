@@ -9,7 +9,7 @@ partition of the votes topic, so every observer sees the same first vote.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -74,10 +74,17 @@ class QuorumCheck:
     problems: tuple[str, ...]  # rejected, and the shortfall when below the threshold
 
 
-def check_quorum(entry_hash: bytes, votes: Iterable[tuple[str, bytes]], epoch: Epoch) -> QuorumCheck:
+def check_quorum(
+    entry_hash: bytes,
+    votes: Iterable[tuple[str, bytes]],
+    epoch: Epoch,
+    verified: Collection[tuple[str, bytes]] = (),
+) -> QuorumCheck:
     """Is `votes` a valid quorum proof for `entry_hash` in `epoch`? Says why each vote did not count.
 
-    A peer listed several times counts once, if any one of its signatures verifies."""
+    A peer listed several times counts once, if any one of its signatures verifies. `verified`:
+    (peer id, signature) pairs the caller has verified for this entry hash in this epoch, counted
+    without a second check (a peer comparing a stored quorum with its own)."""
     peers, epoch_hash = epoch.public_keys, epoch.epoch_hash
     signers: list[str] = []
     rejected: list[str] = []
@@ -87,7 +94,9 @@ def check_quorum(entry_hash: bytes, votes: Iterable[tuple[str, bytes]], epoch: E
             rejected.append(f"{where}: repeated peer; a vote counts once")
         elif peer_id not in peers:
             rejected.append(f"{where}: not a peer of epoch {epoch.number} (its peers: {', '.join(sorted(peers))})")
-        elif not verify_vote(peers[peer_id], epoch_hash, entry_hash, signature):
+        elif (peer_id, signature) not in verified and not verify_vote(
+            peers[peer_id], epoch_hash, entry_hash, signature
+        ):
             rejected.append(
                 f"{where}: bad signature, it does not verify for entry hash {entry_hash.hex()} in epoch {epoch.number}"
             )

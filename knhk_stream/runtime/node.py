@@ -44,14 +44,14 @@ import redis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from knhk_stream.protocol.beats import beat_end_ms, beat_ms
-from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.protocol.committed import CommittedEntry, votes_from_json
 from knhk_stream.protocol.consensus import Consensus, Ready
 from knhk_stream.protocol.encoding import ZERO_HASH
 from knhk_stream.protocol.engine import MARKER_HEADER, PeerEngine, ResumePoint, is_marker
 from knhk_stream.protocol.entry import record_key
 from knhk_stream.protocol.epochs import Epoch
 from knhk_stream.protocol.keys import sign_message
-from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, Equivocation, Vote, VoteStatus, in_window
+from knhk_stream.protocol.quorum import MAX_HELD_PER_PEER, Equivocation, Vote, VoteStatus, check_quorum, in_window
 from knhk_stream.protocol.receipts import rejections_by_code
 from knhk_stream.protocol.settings import ChainSettings
 from knhk_stream.protocol.wire import WireError, decode_root, decode_vote, encode_root, encode_vote
@@ -62,6 +62,7 @@ from knhk_stream.store.lockchain import (
     ForkError,
     LockchainStore,
     NotNextError,
+    StoredCopy,
     acknowledge_published,
     add_evidence,
     checkpoint_message,
@@ -98,6 +99,11 @@ __all__ = [
 
 log = logging.getLogger("knhk_stream.runtime.node")
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+UNVERIFIED_HEAD_ADVICE = (
+    "it still offers its own verified entries to Redis every head check, which writes them over bad copies of "
+    "the same entries, and commits nothing else on this shard (someone who can write Redis changed the head; "
+    "see `knhk-stream chain verify`)"
+)
 EPOCH_POLL_S = 2.0  # how often a running peer looks for newly applied epochs in Redis
 MAX_WAITING_ACKS = 10_000  # acknowledged roots per shard kept while Redis cannot take them
 MAX_REPUBLISH = 1000  # unpublished roots queued per shard and round of republishing
@@ -316,6 +322,7 @@ class PeerNode:
         self._halted: dict[int, str] = {}  # shard -> why it stopped reading (open beat too large)
         self._new_halts: list[int] = []
         self._blocked: dict[int, str] = {}  # shard -> why nothing is committed on it (untrusted Redis state)
+        self._blocked_kind: dict[int, str] = {}  # shard -> the alarm kind of its block
         self._blocked_until_retaken: set[int] = set()  # Redis holds a conflicting chain: no check lifts it
         self._alarms: dict[int, list[dict[str, Any]]] = {}
         self._recent: dict[int, dict[int, CommittedEntry]] = {}  # shard -> cycle -> verified committed entry
@@ -417,8 +424,8 @@ class PeerNode:
             head, problem = read_head_entry(self.store, self.settings, shard)
         if problem is not None:
             self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer neither resumes from "
-                        "it nor builds on it, and commits nothing on this shard until the head in Redis verifies "
-                        "again (someone who can write Redis changed it; see `knhk-stream chain verify`)")  # fmt: skip
+                        f"it nor builds on it until the head in Redis verifies again; "
+                        f"{UNVERIFIED_HEAD_ADVICE}")  # fmt: skip
         cp = self._own_checkpoint(shard)
         if cp is not None:
             prev = cp.entry_hash
@@ -838,6 +845,11 @@ class PeerNode:
         if now - self._heads_checked > self.limits.head_check_s:
             self._heads_checked = now
             for shard in self.engine.shards:
+                # A head that does not verify may be a bad copy of this peer's own entries, written there
+                # before the quorum's append: appending them (the Lua script arbitrates) writes the
+                # verified copies over the bad ones, and the head verifies again.
+                if self._blocked_kind.get(shard) == "unverified_head" and not self._commit_shard(shard, out):
+                    return out
                 if self._check_head(shard) is REDIS_DOWN:
                     return out
         if now - self._republished > self.limits.republish_s:
@@ -878,7 +890,9 @@ class PeerNode:
             return False
         self._redis_available()
         for ce, w in zip(ces, written, strict=True):
-            self._appended(shard, ce, w, self.consensus.views[shard].head_cycle, out)
+            if isinstance(w, StoredCopy):
+                self._check_stored_copy(shard, ce, w)
+            self._appended(shard, ce, w is True, self.consensus.views[shard].head_cycle, out)
         return True
 
     def _my_part(self, shard: int, run: list[Ready]) -> list[Ready]:
@@ -940,8 +954,38 @@ class PeerNode:
                 self._redis_unavailable(e)
                 return False
             self._redis_available()
-            self._appended(shard, ce, written, prior, out)
+            if isinstance(written, StoredCopy):
+                self._check_stored_copy(shard, ce, written)
+            self._appended(shard, ce, written is True, prior, out)
         return True
+
+    def _check_stored_copy(self, shard: int, ce: CommittedEntry, found: StoredCopy) -> None:
+        """An append found this peer's entry at its cycle, as another copy. Another quorum is fine; a copy
+        that does not verify (written there first by someone who can write Redis) is not trusted: it is
+        written over with this peer's verified copy, loudly, so that the stored chain verifies."""
+        e = ce.entry
+        if found.votes is None:
+            why = "a hashed field differs from the entry's, so it does not hash to its entry_hash"
+        else:
+            try:
+                votes = votes_from_json(found.votes)
+            except ValueError as err:
+                why = f"its votes cannot be read ({err})"
+            else:
+                q = check_quorum(ce.entry_hash, votes, self.settings.epoch_for(e.cycle), verified=ce.votes)
+                if q.valid:
+                    return
+                why = "its votes are no valid quorum proof: " + "; ".join(q.problems)
+        repaired = self._redis(self.store.repair, ce)
+        self.stats["copies_repaired"] = self.stats.get("copies_repaired", 0) + (repaired is True)
+        done = (
+            "written over with this peer's verified copy"
+            if repaired is True
+            else "NOT written over (Redis did not answer, or the cycle changed meanwhile): `chain verify` shows it"
+        )
+        self._alarm(shard, "unverified_copy", f"cycle {e.cycle}: the entry stored in Redis has this peer's "
+                    f"entry hash, but {why}. Someone who can write Redis wrote it before the quorum's append; "
+                    f"{done}")  # fmt: skip
 
     def _appended(self, shard: int, ce: CommittedEntry, written: bool, prior: int | None,
                   out: list[CommittedEntry]) -> None:  # fmt: skip
@@ -1010,9 +1054,8 @@ class PeerNode:
         if problem is not None and self.refresh_epochs():  # signed in an epoch applied since this peer looked
             return self._check_head(shard)
         if problem is not None:
-            self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer commits nothing on "
-                        "this shard until the head in Redis verifies again (someone who can write Redis changed "
-                        "it; see `knhk-stream chain verify`)")  # fmt: skip
+            self._block(shard, "unverified_head", f"{problem}. It is not adopted: this peer builds on nothing "
+                        f"after it until the head in Redis verifies again; {UNVERIFIED_HEAD_ADVICE}")  # fmt: skip
             return False
         mine = view.head_cycle
         if head is not None and (mine is None or head.entry.cycle > mine):
@@ -1198,11 +1241,13 @@ class PeerNode:
         if self._blocked.get(shard) != reason:
             log.critical("shard %d: %s", shard, reason)
         self._blocked[shard] = reason
+        self._blocked_kind[shard] = kind
         self._alarm(shard, kind, reason, logged=True)
 
     def _unblock(self, shard: int) -> None:
         if shard in self._blocked_until_retaken:
             return  # a conflicting chain: only taking the shard again checks it again
+        self._blocked_kind.pop(shard, None)
         if self._blocked.pop(shard, None) is not None:
             log.warning("shard %d: the committed head in Redis verifies and follows this peer's again", shard)
 

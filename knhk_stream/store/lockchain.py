@@ -58,6 +58,7 @@ __all__ = [
     "Pin",
     "PinFileError",
     "Problem",
+    "StoredCopy",
     "VerifyReport",
     "acknowledge_published",
     "add_evidence",
@@ -95,10 +96,34 @@ HASHED_ONLY = ("root", "receipt_count", "first_offset", "last_offset")
 NAMED_BY_CHECKS = tuple(f for f in ENTRY_FIELDS if f not in HASHED_ONLY)
 
 
-_APPEND = """
+# The pairs of STORED_FIELDS before the votes must be stored exactly as given for an entry found at its
+# cycle to be this copy of it; the votes may differ (another quorum, to be checked by the caller); the
+# fields after them (committed_by, committed_at_ms) are informational.
+_MATCHED_PAIRS = STORED_FIELDS.index("votes")
+
+# An entry found at its cycle with the entry_hash being appended, its field/value pairs from ARGV[first]
+# on: 'exists' when it is this very copy; 'votes:' and the stored votes when only they differ; 'fields'
+# when another stored field differs (then the stored copy does not hash to its entry_hash).
+_FOUND = """
+local function found(key, first, matched)
+  for j = first, first + 2 * (matched - 1), 2 do
+    if redis.call('HGET', key, ARGV[j]) ~= ARGV[j + 1] then return 'fields' end
+  end
+  local at = first + 2 * matched
+  local votes = redis.call('HGET', key, ARGV[at])
+  if votes == ARGV[at + 1] then return 'exists' end
+  return 'votes:' .. (votes or '')
+end
+"""
+
+# KEYS: the entry, cycles, head; ARGV: cycle, padded cycle, entry_hash, prev_entry_hash, _MATCHED_PAIRS,
+# then the field/value pairs.
+_APPEND = (
+    _FOUND
+    + """
 local existing = redis.call('HGET', KEYS[1], 'entry_hash')
 if existing then
-  if existing == ARGV[3] then return 'exists' end
+  if existing == ARGV[3] then return found(KEYS[1], 6, tonumber(ARGV[5])) end
   return redis.error_reply('FORK cycle ' .. ARGV[1] .. ' already holds entry ' .. existing)
 end
 local head = redis.call('HMGET', KEYS[3], 'cycle', 'entry_hash')
@@ -115,32 +140,36 @@ elseif ARGV[4] ~= string.rep('0', 64) then
   return redis.error_reply('NOTNEXT the chain is empty, so prev_entry_hash must be 32 zero bytes, not '
     .. ARGV[4])
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[3], 'cycle', ARGV[1], 'entry_hash', ARGV[3])
 return 'appended'
 """
+)
 
 
 # A run of consecutive entries in one call: each is checked as `_APPEND` would check it against the
 # head the entries before it leave, all before anything is written, so a fork or a hole anywhere in
-# the run writes nothing. KEYS: cycles, head, then each entry's key; ARGV: n, args per entry, then per
-# entry cycle, padded cycle, entry_hash, prev_entry_hash and its field/value pairs. Returns one
-# 1 (written) or 0 (this very entry was there) per entry.
-_APPEND_RUN = """
-local n, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+# the run writes nothing. KEYS: cycles, head, then each entry's key; ARGV: n, args per entry,
+# _MATCHED_PAIRS, then per entry cycle, padded cycle, entry_hash, prev_entry_hash and its field/value
+# pairs. Returns per entry 1 (written), 0 (this very copy was there) or what `found` says of another.
+_APPEND_RUN = (
+    _FOUND
+    + """
+local n, per, matched = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local head = redis.call('HMGET', KEYS[2], 'cycle', 'entry_hash')
 local hc, hh = head[1], head[2]
 local out, last = {}, nil
 for i = 1, n do
-  local b = 2 + (i - 1) * per
+  local b = 3 + (i - 1) * per
   local cycle, padded, eh, prev = ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
   local existing = redis.call('HGET', KEYS[2 + i], 'entry_hash')
   if existing then
     if existing ~= eh then
       return redis.error_reply('FORK ' .. i .. ' cycle ' .. cycle .. ' already holds entry ' .. existing)
     end
-    out[i] = 0
+    local copy = found(KEYS[2 + i], b + 5, matched)
+    out[i] = copy == 'exists' and 0 or copy
   else
     if hh then
       if hh ~= prev then
@@ -160,7 +189,7 @@ for i = 1, n do
 end
 for i = 1, n do
   if out[i] == 1 then
-    local b = 2 + (i - 1) * per
+    local b = 3 + (i - 1) * per
     redis.call('HSET', KEYS[2 + i], unpack(ARGV, b + 5, b + per))
     redis.call('ZADD', KEYS[1], ARGV[b + 1], ARGV[b + 2])
   end
@@ -170,6 +199,38 @@ if last then
 end
 return out
 """
+)
+
+
+# KEYS: the entry; ARGV: its entry_hash, then the field/value pairs of a verified copy of it.
+_REPAIR = """
+if redis.call('HGET', KEYS[1], 'entry_hash') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class StoredCopy:
+    """What an append found at its cycle: its entry hash, but another copy of the entry. `votes` is the
+    stored votes field when only the votes differ (another quorum, or no quorum: the caller checks);
+    None when a hashed field differs, so the stored copy does not hash to its entry_hash. Nothing was
+    written, so it is falsy, as False is for this very copy found there."""
+
+    votes: str | None
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def _found(reply: Any) -> bool | StoredCopy:
+    """An append script's word for an entry it did not write."""
+    text = as_text(reply)
+    if text in ("exists", "0"):
+        return False
+    if text.startswith("votes:"):
+        return StoredCopy(text[len("votes:") :])
+    return StoredCopy(None)
 
 
 @dataclass(frozen=True)
@@ -204,6 +265,7 @@ class LockchainStore:
         self.prefix = prefix
         self._append = client.register_script(_APPEND)
         self._append_run = client.register_script(_APPEND_RUN)
+        self._repair = client.register_script(_REPAIR)
         self._acknowledge_published = client.register_script(_ACKNOWLEDGE_PUBLISHED)  # once per acknowledged batch
         self._keys: dict[int, ShardKeys] = {}
 
@@ -228,14 +290,16 @@ class LockchainStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def append(self, committed: CommittedEntry) -> bool:
-        """Append atomically; True if written, False if this very entry was already there."""
+    def append(self, committed: CommittedEntry) -> bool | StoredCopy:
+        """Append atomically; True if written, False if this very copy of the entry was already there,
+        a StoredCopy if the entry was there as another copy (see there)."""
         e = committed.entry
         if e.chain_id != self.chain_id:
             raise LockchainError(f"entry of chain {e.chain_id!r} given to the store of {self.chain_id!r}")
         k = self.keys(e.shard)
         fields = committed.to_redis()
         args: list[str] = [str(e.cycle), cycle_key(e.cycle), fields["entry_hash"], fields["prev_entry_hash"]]
+        args.append(str(_MATCHED_PAIRS))
         for name in STORED_FIELDS:
             args += [name, fields[name]]
         try:
@@ -256,18 +320,18 @@ class LockchainStore:
                     f"acknowledged the append within {self.durability.timeout_ms} ms; it is not published until "
                     "they do (check the replicas' link and lag: INFO replication)"
                 )
-        return as_text(result) == "appended"
+        return True if as_text(result) == "appended" else _found(result)
 
-    def append_run(self, run: list[CommittedEntry]) -> list[bool]:
-        """Append consecutive entries of one shard in one atomic call (one round trip): per entry True if
-        written, False if this very entry was there. Checked as `append` one by one would check them,
+    def append_run(self, run: list[CommittedEntry]) -> list[bool | StoredCopy]:
+        """Append consecutive entries of one shard in one atomic call (one round trip): per entry what
+        `append` returns. Checked as `append` one by one would check them,
         but before anything is written: ForkError or NotNextError (naming the entry) writes nothing."""
         if len(run) == 1:
             return [self.append(run[0])]
         shard = run[0].entry.shard
         k = self.keys(shard)
         keys = [k.cycles, k.head]
-        args: list[str] = [str(len(run)), str(4 + 2 * len(STORED_FIELDS))]
+        args: list[str] = [str(len(run)), str(4 + 2 * len(STORED_FIELDS)), str(_MATCHED_PAIRS)]
         for committed in run:
             e = committed.entry
             if e.chain_id != self.chain_id or e.shard != shard:
@@ -289,7 +353,7 @@ class LockchainStore:
                     raise ForkError(where + msg + "; refusing to overwrite it") from None
                 raise NotNextError(where + msg) from None
             raise
-        if self.durability.replicas and any(int(x) for x in result):
+        if self.durability.replicas and any(x == 1 for x in result):
             acked = wait_for_replicas(self.client, k.head, self.durability)
             if acked < self.durability.replicas:
                 raise ReplicasLagging(
@@ -298,7 +362,17 @@ class LockchainStore:
                     f"{self.durability.timeout_ms} ms; it is not published until they do (check the replicas' "
                     "link and lag: INFO replication)"
                 )
-        return [int(x) == 1 for x in result]
+        return [True if x == 1 else _found(x) for x in result]
+
+    def repair(self, committed: CommittedEntry) -> bool:
+        """Write a verified copy of an entry over the stored copy of the same entry (same entry_hash) that
+        does not verify; False when its cycle holds another entry or none (then nothing is written)."""
+        e = committed.entry
+        fields = committed.to_redis()
+        args = [fields["entry_hash"]]
+        for name in STORED_FIELDS:
+            args += [name, fields[name]]
+        return int(self._repair(keys=[self.keys(e.shard).entry(e.cycle)], args=args)) == 1
 
     # -- reading ------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from knhk_stream.store.lockchain import (
     get_published,
     load_checkpoint,
     save_checkpoint,
+    verify_range,
 )
 from tests.adversarial.helpers import Attacker, cli, health, kafka_args, settings_args, start_launched, status, wait
 from tests.support.cluster import SHARDS, Cluster
@@ -138,6 +139,41 @@ def test_forged_head_in_redis_is_never_adopted(cluster: Cluster):
     cluster.stop_all()
     cluster.assert_chains_match_replay()
     assert cluster.committed_receipts() == 1600
+
+
+def test_an_entry_written_first_with_a_bad_quorum_is_written_over_by_the_peers(cluster: Cluster):
+    """Every vote carries its entry, so a byzantine peer can write an honest entry into Redis before the
+    quorum does, with only its own signature. The quorum's appends found the entry hash there and took it
+    as committed: the stored chain failed `chain verify` at each such cycle, and no peer said so."""
+    for peer in ("peer-a", "peer-b"):
+        cluster.start(peer)
+    cluster.wait_joined("peer-a", "peer-b")
+    cluster.produce(400, rate=2000)
+    honest: dict[tuple[int, int], Entry] = {}
+
+    def covered() -> int:  # two votes of threshold 3: nothing commits yet
+        honest.update({(v.entry.shard, v.entry.cycle): v.entry for v in cluster.votes() if v.peer_id == "peer-a"})
+        return sum(e.receipt_count for e in honest.values())
+
+    wait(lambda: covered() == 400, 60, "peer-a's votes on every delta", covered)
+    assert cluster.committed_receipts() == 0
+    attacker = Attacker(cluster, "peer-d")
+    for _, e in sorted(honest.items()):  # in cycle order per shard: each links to the one before
+        assert cluster.store.append(CommittedEntry.from_quorum(e, [attacker.vote(e)], "peer-d", now_ms())) is True
+    assert not verify_range(cluster.store, cluster.settings, 0).ok
+    cluster.start("peer-c")
+
+    def unverified() -> list:
+        return [p for s in range(SHARDS) for p in verify_range(cluster.store, cluster.settings, s).problems]
+
+    wait(lambda: not unverified(), 90, "the peers to write their verified copies over the bad ones", unverified)
+    alarms = [a for h in health(cluster, 0).values() for a in h["alarms"] if a["kind"] == "unverified_copy"]
+    assert alarms and "no valid quorum proof" in alarms[0]["message"], alarms
+    cluster.produce(400, rate=2000)
+    cluster.wait_all_committed()
+    cluster.stop_all()
+    cluster.assert_chains_match_replay()
+    assert cluster.committed_receipts() == 800
 
 
 # -- 5. a flood of votes ---------------------------------------------------------------------

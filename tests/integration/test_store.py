@@ -8,7 +8,7 @@ import threading
 import pytest
 import redis
 
-from knhk_stream.protocol.committed import CommittedEntry
+from knhk_stream.protocol.committed import CommittedEntry, votes_from_json
 from knhk_stream.protocol.encoding import ZERO_HASH, H
 from knhk_stream.protocol.entry import Entry
 from knhk_stream.protocol.quorum import Vote, sign
@@ -16,6 +16,7 @@ from knhk_stream.store.lockchain import (
     ForkError,
     LockchainStore,
     NotNextError,
+    StoredCopy,
     root_key,
     verify_range,
 )
@@ -182,6 +183,26 @@ def test_append_refuses_missing_predecessor_and_fork(store, settings, peer_keys)
     assert store.append(chain[1]) is False  # the same entry again is a no-op
     assert store.cycles(0) == [chain[0].entry.cycle, chain[1].entry.cycle]
     assert verify_range(store, settings, 0).ok
+
+
+def test_an_entry_found_as_another_copy_is_reported_and_repair_writes_over_it_only(store, settings, peer_keys):
+    chain = make_chain(settings, peer_keys, 3)
+    first, second = chain[0], chain[1]
+    other_quorum = dataclasses.replace(first, votes=(*first.votes[1:], ("peer-d", bytes(64))), committed_by="x")
+    assert store.append(first) is True
+    assert store.append(dataclasses.replace(first, committed_by="x", committed_at_ms=5)) is False  # informational
+    found = store.append(other_quorum)
+    assert isinstance(found, StoredCopy) and not found
+    assert votes_from_json(found.votes) == first.votes  # the stored votes, for the caller to check
+    k = store.keys(0)
+    store.client.hset(k.entry(first.entry.cycle), "root", "ab" * 32)  # a hashed field: no longer its hash
+    assert store.append_run([first, second]) == [StoredCopy(None), True]
+    assert not verify_range(store, settings, 0).ok
+    assert store.repair(first) is True
+    assert verify_range(store, settings, 0).ok and store.get(0, first.entry.cycle) == first
+    assert store.repair(dataclasses.replace(chain[2], entry_hash=second.entry_hash)) is False  # not its entry
+    assert store.repair(chain[2]) is False  # nothing at its cycle: nothing written
+    assert store.cycles(0) == [first.entry.cycle, second.entry.cycle]
 
 
 def test_shards_listed_and_kept_apart(store, settings, peer_keys):

@@ -377,6 +377,16 @@ def test_collector_counted_and_quorum_exactly_once():
     assert set(c.successors(0, ZERO_HASH)) == {e.entry_hash}
 
 
+def test_check_quorum_counts_pairs_the_caller_verified_without_checking_them_again():
+    e = _entry()
+    votes = [(v.peer_id, v.signature) for v in (_vote(p, e) for p in ("peer-a", "peer-b"))]
+    forged = ("peer-c", bytes(64))
+    assert not check_quorum(e.entry_hash, [*votes, forged], GENESIS).valid
+    assert check_quorum(e.entry_hash, [*votes, forged], GENESIS, verified={forged}).valid  # taken as verified
+    known = check_quorum(e.entry_hash, [*votes, ("peer-d", bytes(64))], GENESIS, verified=set(votes))
+    assert not known.valid and "peer-d" in known.problems[0]  # what is not in `verified` is still checked
+
+
 def test_collector_beyond_quorum_is_checked_once_it_could_be_evidence():
     """A vote after the quorum is not verified; should its peer sign another successor of the same
     entry, the vote kept aside is verified then, and the two are equivocation as before."""
