@@ -177,7 +177,7 @@ def worker(
             limits=NodeLimits(max_open_beat_deltas=max_open_beat_deltas),
         )
         try:
-            held.append(Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel)))
+            held.append(Worker(settings, peer_id, key, opts, Telemetry(None if otel is None else otel), stop))
         except ValueError as e:
             raise click.ClickException(str(e)) from None
     except Stopped:

@@ -142,8 +142,11 @@ class Worker:
         key: Ed25519PrivateKey | Sequence[Ed25519PrivateKey],
         options: WorkerOptions,
         telemetry: Telemetry | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
-        self._stop = threading.Event()
+        # `stop`: set by whoever ends the worker (a signal handler), looked at by its waits from the start:
+        # a `Stopped` raised by the handler is lost when it lands in a finalizer (redis-py's __del__).
+        self._stop = stop if stop is not None else threading.Event()
         self._until: Callable[[], bool] | None = None
         self._stop_deadline: float | None = None
         self.waiting = False  # inside a wait that only `Stopped` (raised by a signal handler) can end
@@ -270,8 +273,10 @@ class Worker:
                     log.warning("%s at %s answers; going on", what, where)
                 return
             except errors as e:
+                if self._stop.is_set():
+                    raise Stopped(f"stop requested while waiting for {what}") from None
                 left = deadline - time.monotonic()
-                if left <= 0 or self._stop.is_set():
+                if left <= 0:
                     if said:
                         waited = f"waited {self.opts.start_timeout_s:g} s, --start-timeout"
                         raise type(e)(f"{str(e).rstrip('.')} ({waited})") from None
