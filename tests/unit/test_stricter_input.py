@@ -431,7 +431,7 @@ def test_worker_command_allows_producer_timestamps(monkeypatch, tmp_path, how):
     seen = []
 
     class FakeWorker:
-        def __init__(self, settings, peer_id, key, opts, telemetry=None):
+        def __init__(self, settings, peer_id, key, opts, telemetry=None, stop=None):
             seen.append(opts.allow_producer_timestamps)
 
         def run(self, until=None):
